@@ -4,8 +4,23 @@ Users keep their model, their `compile(...)` and their stock optimizer, and
 add kerascool callbacks to `fit` (or decorate the model in one call).
 """
 
+from kerascool.accumulation import GradientAccumulation
+from kerascool.anneal import AnnealVariable
+from kerascool.capture import Capture, capture
+from kerascool.capture_callback import CaptureCallback
+from kerascool.ema import EMA
 from kerascool.gradient_transform import GradientTransform
 from kerascool.hook import real_steps
+from kerascool.layer_rate_scheduler import LayerRateScheduler
+from kerascool.layer_rates import current_layer_rates, layer_rate_table, layer_rates
+from kerascool.lookahead import Lookahead
+from kerascool.lr_finder import LRFinderResult, find_lr
+from kerascool.mc_dropout import mc_dropout_predict
+from kerascool.python_metric import PythonMetric
+from kerascool.scalars import ScalarMetric
+from kerascool.schedules import LinearWarmup, OneCycle, PiecewiseLinear
+from kerascool.swa import SWA, update_bn
+from kerascool.swap import WeightSwap
 from kerascool.transforms import (
     AdaptiveClip,
     ClipByGlobalNorm,
@@ -19,6 +34,7 @@ from kerascool.transforms import (
     chain,
     masked,
 )
+from kerascool.two_step import heun, sam, stock_step
 
 __version__ = "0.1.0"
 
@@ -36,6 +52,37 @@ __all__ = [
     "Lambda",
     "chain",
     "masked",
+    # gradient accumulation
+    "GradientAccumulation",
+    # two-gradient steps
+    "sam",
+    "heun",
+    "stock_step",
+    # layer-wise learning rates
+    "layer_rates",
+    "layer_rate_table",
+    "current_layer_rates",
+    "LayerRateScheduler",
+    # capture of intermediate tensors
+    "CaptureCallback",
+    "Capture",
+    "capture",
+    # weight averages (one averaging hook, one swap mechanism)
+    "EMA",
+    "SWA",
+    "update_bn",
+    "Lookahead",
+    "WeightSwap",
+    # schedules and training utilities
+    "LinearWarmup",
+    "OneCycle",
+    "PiecewiseLinear",
+    "find_lr",
+    "LRFinderResult",
+    "AnnealVariable",
+    "PythonMetric",
+    "ScalarMetric",
+    "mc_dropout_predict",
     # the step hook
     "real_steps",
 ]

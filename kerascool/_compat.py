@@ -65,6 +65,21 @@ def snapshot(value):
     return ops.copy(value)
 
 
+def densify(grad):
+    """A plain tensor for a gradient (TF gives `IndexedSlices` for embeddings).
+
+    Transforms need whole tensors; the cost is a dense gradient for each
+    embedding table while hooks are active.
+    """
+    if grad is None or backend() != "tensorflow":
+        return grad
+    import tensorflow as tf
+
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.convert_to_tensor(grad)
+    return grad
+
+
 def replica_count() -> int:
     """Number of replicas whose gradients are summed after `apply` (TF)."""
     if backend() != "tensorflow":
@@ -91,3 +106,498 @@ def all_reduce_sum(grads: list) -> list:
     present = [g for g in grads if g is not None]
     reduced = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, present))
     return [None if g is None else next(reduced) for g in grads]
+
+
+# -- capture (kerascool/capture.py, capture_callback.py) ------------------------
+
+
+def current_path() -> str:
+    """The name-scope path of the layer being called, e.g. ``"model/block_0"``."""
+    # Private in Keras 3.15: Layer.__call__ opens this scope around `call`.
+    from keras.src.backend.common import name_scope
+
+    return name_scope.current_path() or ""
+
+
+# MultiHeadAttention's private step that forms the attention scores and hands
+# them to `call` (Keras 3.15; keras-hub's CachedMultiHeadAttention calls it too,
+# without asking for the scores, so wrapping `call` alone would not reach them).
+ATTENTION_METHOD = "_compute_attention"
+
+
+def can_return_attention_scores(layer) -> bool:
+    import inspect
+
+    method = getattr(layer, ATTENTION_METHOD, None)
+    return method is not None and "return_attention_scores" in inspect.signature(method).parameters
+
+
+def uses_flash_attention(layer) -> bool:
+    """True when a MultiHeadAttention layer runs flash attention (no scores)."""
+    return bool(getattr(layer, "_flash_attention", False))
+
+
+def symbolic_inputs(model):
+    """The model's symbolic inputs (functional, Sequential), or None if unknown."""
+    try:
+        inputs = model.inputs  # subclassed models have none (AttributeError)
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    # `_inputs_struct` keeps the user's structure (dict, list) in Keras 3.15;
+    # Sequential has none, and a one-element list would make it warn.
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is None:
+        struct = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs
+    return struct
+
+
+def trace_shapes(model, inputs) -> None:
+    """Run `model` on symbolic `inputs` with backend placeholders (no data)."""
+    from keras.src import backend as backend_module
+
+    backend_module.compute_output_spec(model, inputs, training=False)
+
+
+def validation_batches(model):
+    """Batches of the validation data `fit` is using, from its start; or None.
+
+    `fit` keeps its validation iterator in `_eval_epoch_iterator` (Keras 3.15,
+    TF and JAX trainers) from the first validation to the end of `fit`; a
+    fresh NumPy iterator over its data adapter leaves `fit`'s own untouched.
+    """
+    iterator = getattr(model, "_eval_epoch_iterator", None)
+    if iterator is None:
+        return None
+    return iterator.data_adapter.get_numpy_iterator()
+
+
+def compiled_forward(model, body):
+    """`x -> body(forward, x)` compiled like `fit` compiles its steps.
+
+    `body` runs at trace time only: it calls ``forward(x)`` (the model in
+    inference mode) and returns a dict of tensors, which become the compiled
+    function's outputs. TF: `tf.function` (variables read by reference); JAX:
+    `jax.jit` over `stateless_call`, fed the variables' current values;
+    other backends and `run_eagerly` models: eager.
+    """
+    if getattr(model, "run_eagerly", False) or backend() not in ("tensorflow", "jax"):
+        return lambda x: body(lambda inputs: model(inputs, training=False), x)
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: body(lambda inputs: model(inputs, training=False), x))
+    import jax
+
+    def pure(trainable, non_trainable, x):
+        def forward(inputs):
+            return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
+
+        return body(forward, x)
+
+    jitted = jax.jit(pure)
+
+    def run(x):
+        return jitted(
+            [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], x
+        )
+
+    return run
+
+
+def layer_depths(model):
+    """id(layer) -> Keras's depth of each top-level layer of a functional model.
+
+    The depth is the longest path from the layer to the model's outputs (0 at
+    an output layer), as Keras orders `model.layers`. None for Sequential and
+    subclassed models, which have no graph (private `_operations_by_depth` in
+    Keras 3.15).
+    """
+    by_depth = getattr(model, "_operations_by_depth", None)
+    if not by_depth:
+        return None
+    return {id(op): depth for depth, ops_ in by_depth.items() for op in ops_}
+
+
+# -- averaging and swapping (kerascool/averaging.py, swap.py, hook.py) ------------
+
+
+def host_copy(variable):
+    """A NumPy copy of a variable's value, kept on the host (a swap's raw values)."""
+    import numpy as np
+
+    # np.array(copy=True): on JAX CPU, convert_to_numpy may be a view of a buffer that a later step donates.
+    # Through the Keras variable, not `.value`: under TF MirroredStrategy, in the strategy's scope, a
+    # scalar's `.value.__array__` gives a NumPy scalar, which np.array rejects ("object __array__ method
+    # not producing an array"); `keras.Variable.__array__` wraps it.
+    return np.array(ops.convert_to_numpy(variable), copy=True)
+
+
+def is_fit_validation(evaluate_kwargs: dict) -> bool:
+    """True for the `evaluate` call that `fit` makes for validation.
+
+    Keras 3.15's TF and JAX `fit` pass the private `_use_cached_eval_dataset=True`
+    to `self.evaluate`; a user's `evaluate` call cannot.
+    """
+    return bool(evaluate_kwargs.get("_use_cached_eval_dataset", False))
+
+
+def accumulation_update_flag(optimizer):
+    """For Keras's own `gradient_accumulation_steps`: will this `apply` update?
+
+    A bool tensor read BEFORE `apply` (which then advances `iterations`), or
+    None without accumulation. Keras 3.15 updates when
+    `(optimizer._iterations + 1) % steps == 0` (private `_iterations`: the
+    public `iterations` is already divided by `steps`).
+    """
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    if not steps:
+        return None
+    return ops.equal(ops.mod(snapshot(optimizer._iterations.value) + 1, steps), 0)
+
+
+def add_train_step_epilogue(model, name: str, epilogue) -> None:
+    """Run ``epilogue(model)`` at the end of every train step, inside the compiled step.
+
+    There every model variable (trainable or not) reads its value after the
+    step, and optimizer variables may be assigned. Needed for non-trainable
+    variables (BatchNorm statistics): the forward pass updates them, but inside
+    JAX's `stateless_apply` (where `StepHook`s run) they are not mapped. On JAX
+    the epilogue runs in a `StatelessScope` over the step's output state; on TF
+    after the step's own ops (automatic control dependencies order them).
+    Idempotent per `name`; the wrapper is an instance attribute of `model`, and
+    the train function must be (re)traced afterwards.
+    """
+    epilogues = model.__dict__.get("_kerascool_epilogues")
+    if epilogues is None:
+        epilogues = {}
+        object.__setattr__(model, "_kerascool_epilogues", epilogues)
+        original = model.train_step
+        if backend() == "jax":
+
+            def train_step(state, data):
+                logs, state = original(state, data)
+                if not epilogues:
+                    return logs, state
+                trainable, non_trainable, optimizer_values, metrics = state
+                optimizer_variables = model.optimizer.variables
+                mapping = (
+                    list(zip(model.trainable_variables, trainable))
+                    + list(zip(model.non_trainable_variables, non_trainable))
+                    + list(zip(optimizer_variables, optimizer_values))
+                )
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    for fn in list(epilogues.values()):
+                        fn(model)
+                optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
+                return logs, (trainable, non_trainable, optimizer_values, metrics)
+
+        else:
+
+            def train_step(*args, **kwargs):
+                logs = original(*args, **kwargs)
+                for fn in list(epilogues.values()):
+                    fn(model)
+                return logs
+
+        object.__setattr__(model, "train_step", train_step)
+    epilogues[name] = epilogue
+
+
+# -- two-gradient steps (kerascool/two_step.py) ----------------------------------
+
+
+def train_step_data(args: tuple):
+    """``(data, state)`` from the arguments of a backend's `train_step`.
+
+    Keras 3.15: JAX's is ``train_step(state, data)`` with the step's state as
+    a tuple (trainable, non-trainable, optimizer, metrics values); TF's is
+    ``train_step(data)`` and works on the variables in place (state None).
+    """
+    if backend() == "jax":
+        return args[1], args[0]
+    return args[0], None
+
+
+def step_start_mapping(model, state) -> list:
+    """``(variable, value)`` pairs for a `StatelessScope` that sees the model
+    as it was when the train step began.
+
+    JAX: every variable of the step's state (inside the compiled step the
+    variables themselves hold stale values). TF: copies of the non-trainable
+    variables (BatchNorm statistics, dropout seeds), which the forward pass is
+    about to change; the other variables read their live values.
+    """
+    if state is not None:
+        trainable, non_trainable, optimizer_values, metrics = state
+        return (
+            list(zip(model.trainable_variables, trainable))
+            + list(zip(model.non_trainable_variables, non_trainable))
+            + list(zip(model.optimizer.variables, optimizer_values))
+            + list(zip(model.metrics_variables, metrics))
+        )
+    return [(v, snapshot(v.value)) for v in model.non_trainable_variables]
+
+
+def training_loss(model, x, y, sample_weight):
+    """The model's training loss on one batch, as its own `train_step` computes it."""
+    # Private in Keras 3.15: `_call_has_training_arg`, and `_compute_loss`, which
+    # also serves `compute_loss` overrides written without the `training` argument.
+    y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def value_and_grad(fn, values: list):
+    """``(fn(values), d fn / d values)`` for a scalar `fn` of a list of tensors.
+
+    Gradients of values `fn` does not depend on are None (TF) or zeros (JAX).
+    """
+    if backend() == "jax":
+        import jax
+
+        return jax.value_and_grad(fn)(list(values))
+    import tensorflow as tf
+
+    values = list(values)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(values)
+        out = fn(values)
+    return out, tape.gradient(out, values)
+
+
+
+# -- before the forward pass; metrics from inside it (kerascool/anneal.py, scalars.py) ----
+
+
+def add_train_step_prologue(model, name: str, prologue) -> None:
+    """Run ``prologue(model)`` at the START of every train step, inside the compiled step.
+
+    There model and optimizer variables read their values at the start of the
+    step, and the prologue may assign the model's non-trainable variables: the
+    forward pass and the loss of this very step see the new values. On JAX
+    the prologue runs in a `StatelessScope` over the step's input state and
+    what it assigns replaces the values in that state (a plain assign would
+    be lost: the compiled step reads its state, not the variables); on TF it
+    runs before the step's own ops (automatic control dependencies order
+    them). Idempotent per `name`; the wrapper is an instance attribute of
+    `model`; retrace the train function afterwards.
+    """
+    prologues = model.__dict__.get("_kerascool_prologues")
+    if prologues is None:
+        prologues = {}
+        object.__setattr__(model, "_kerascool_prologues", prologues)
+        original = model.train_step
+        if backend() == "jax":
+
+            def train_step(state, data):
+                if not prologues:
+                    return original(state, data)
+                trainable, non_trainable, optimizer_values, metrics = state
+                non_trainable_variables = model.non_trainable_variables
+                optimizer_variables = model.optimizer.variables
+                mapping = (
+                    list(zip(model.trainable_variables, trainable))
+                    + list(zip(non_trainable_variables, non_trainable))
+                    + list(zip(optimizer_variables, optimizer_values))
+                )
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    for fn in list(prologues.values()):
+                        fn(model)
+                non_trainable = [scope.get_current_value(v) for v in non_trainable_variables]
+                optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
+                return original((trainable, non_trainable, optimizer_values, metrics), data)
+
+        else:
+
+            def train_step(*args, **kwargs):
+                for fn in list(prologues.values()):
+                    fn(model)
+                return original(*args, **kwargs)
+
+        object.__setattr__(model, "train_step", train_step)
+    prologues[name] = prologue
+
+
+def remove_train_step_prologue(model, name: str) -> None:
+    """Undo `add_train_step_prologue` for `name` (idempotent); retrace afterwards."""
+    prologues = model.__dict__.get("_kerascool_prologues")
+    if prologues is not None:
+        prologues.pop(name, None)
+
+
+_DEFERRED_METRIC_UPDATES: list = []
+
+
+def defer_metric_update(metric, value) -> bool:
+    """On JAX inside a compiled step: queue ``metric.update_state(value)``; True if queued.
+
+    A Keras `Metric` tracked by a layer and updated inside the layer's `call`
+    works on TF, but on JAX the forward pass runs under `stateless_call`,
+    which maps only the trainable and non-trainable variables: the metric's
+    variables read as purged values there (Keras 3.15 fails with "'NoneType'
+    object is not callable") and the update would be dropped. The queued
+    update is applied by `_apply_deferred_metric_updates` to the step's
+    metric values right after the loss, still inside `jax.value_and_grad`'s
+    trace (so the value may depend on the forward pass), and Keras then
+    reports it with the other metrics (progress bar, History, ``val_``).
+    """
+    if backend() != "jax":
+        return False
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if not in_stateless_scope():
+        return False  # eager call of the layer: update directly
+    _install_deferred_metric_updates()
+    _DEFERRED_METRIC_UPDATES.append((metric, value))
+    return True
+
+
+def _install_deferred_metric_updates() -> None:
+    # Private in Keras 3.15: JAXTrainer.compute_loss_and_updates is the function
+    # that train_step and test_step differentiate/call; its aux output carries
+    # the step's metric values. Patched once, on the class, so that every model
+    # (whose layers may hold such metrics) takes part; a no-op when nothing is queued.
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    if getattr(JAXTrainer.compute_loss_and_updates, "_kerascool", False):
+        return
+    original = JAXTrainer.compute_loss_and_updates
+
+    def compute_loss_and_updates(self, trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs):
+        _DEFERRED_METRIC_UPDATES.clear()  # left over from a predict trace, which has no metrics to update
+        loss, aux = original(self, trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs)
+        if not _DEFERRED_METRIC_UPDATES:
+            return loss, aux
+        updates = list(_DEFERRED_METRIC_UPDATES)
+        _DEFERRED_METRIC_UPDATES.clear()
+        unscaled_loss, y_pred, non_trainable_values, metrics_values = aux
+        metric_variables = self.metrics_variables
+        known = {id(v) for v in metric_variables}
+        with keras.StatelessScope(state_mapping=list(zip(metric_variables, metrics_values))) as scope:
+            for metric, value in updates:
+                if not all(id(v) in known for v in metric.variables):
+                    raise ValueError(
+                        f"The metric {metric.name!r} is updated inside the model's forward pass or loss "
+                        f"but is not tracked by the model {self.name!r}: assign it as an attribute of one "
+                        "of the model's layers, or of the model itself, e.g. "
+                        f"`self.{metric.name} = kerascool.ScalarMetric({metric.name!r})` in `__init__`."
+                    )
+                metric.update_state(value)
+        metrics_values = [
+            new if new is not None else old
+            for new, old in ((scope.get_current_value(v), old) for v, old in zip(metric_variables, metrics_values))
+        ]
+        return loss, (unscaled_loss, y_pred, non_trainable_values, metrics_values)
+
+    compute_loss_and_updates._kerascool = True
+    JAXTrainer.compute_loss_and_updates = compute_loss_and_updates
+
+
+def fresh_train_step(model) -> None:
+    """Give a wrapped `train_step` (an instance attribute) a new identity before a retrace.
+
+    `jax.jit` caches traces by the identity of the function it compiles
+    (weakly: the bound methods Keras passes are new objects each time, so
+    plain models always retrace). A wrapper kept as an instance attribute
+    (`add_train_step_prologue`, `add_train_step_epilogue`) is the same object
+    in every `fit`, and jit would reuse the trace of an earlier `fit` made
+    with other hooks. A copy of the function (same code and closure) is a new
+    cache key. Checked with jax 0.10.2.
+    """
+    import types
+
+    step = model.__dict__.get("train_step")
+    if backend() != "jax" or not isinstance(step, types.FunctionType):
+        return
+    fresh = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
+    fresh.__kwdefaults__ = step.__kwdefaults__
+    fresh.__dict__.update(step.__dict__)
+    object.__setattr__(model, "train_step", fresh)
+
+
+# -- distribution (kerascool/distribution.py) -------------------------------------
+
+
+def tf_strategy_kind(model) -> tuple:
+    """``(kind, replicas)`` of the TF distribution strategy `model` trains under.
+
+    kind: ``"multi_worker"`` (MultiWorkerMirroredStrategy), ``"mirrored"``
+    (MirroredStrategy), ``"other"`` (any other strategy with several replicas,
+    e.g. TPUStrategy), or None (default strategy, other backends). The TF
+    trainer's public `model.distribute_strategy` is the strategy the model was
+    created under, else the current one (Keras 3.15.1, TF 2.21).
+    """
+    if backend() != "tensorflow":
+        return None, 1
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        return None, 1
+    replicas = int(strategy.num_replicas_in_sync)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multi_worker", replicas
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored", replicas
+    return ("other" if replicas > 1 else None), replicas
+
+
+# -- the learning-rate range finder (kerascool/lr_finder.py) -----------------------
+
+
+def swap_learning_rate(optimizer, learning_rate):
+    """Put `learning_rate` (a schedule) in `optimizer`; return what was there.
+
+    The public setter untracks the optimizer's learning-rate variable when a
+    schedule replaces it, which changes ``optimizer.variables`` (and so every
+    checkpoint index); the private `_learning_rate` (Keras 3.15) is swapped
+    instead and the variable stays where it was. Retrace afterwards.
+    """
+    previous = optimizer._learning_rate
+    optimizer._learning_rate = learning_rate
+    return previous
+
+
+def raw_iterations(optimizer) -> int:
+    """The count a `LearningRateSchedule` is called with (micro-steps under
+    `gradient_accumulation_steps`; the public `iterations` is divided by them)."""
+    return int(host_copy(optimizer._iterations))
+
+
+def apply_if(pred, fn, variables: list) -> bool:
+    """Run ``fn()``, which assigns some of `variables`, only where the bool tensor `pred` holds.
+
+    A real branch (`jax.lax.cond`, `tf.cond`), so a skipped step costs nothing
+    and every variable keeps its exact value. `fn` must read and write no
+    variable outside `variables` (JAX: the branch sees `variables` only).
+    Returns False, having done nothing, where a branch cannot be used: under
+    a TF distribution strategy, the optimizer's update is a `merge_call`,
+    which cannot run inside `tf.cond`; the caller then applies and restores.
+    """
+    if backend() == "jax":
+        import jax
+
+        values = [ops.cast(v.value, v.dtype) for v in variables]
+
+        def taken(current):
+            with keras.StatelessScope(state_mapping=list(zip(variables, current))) as scope:
+                fn()
+            updated = [scope.get_current_value(v) for v in variables]
+            return [c if u is None else ops.cast(u, v.dtype) for v, c, u in zip(variables, current, updated)]
+
+        new = jax.lax.cond(pred, taken, lambda current: list(current), values)
+        for v, value in zip(variables, new):
+            v.assign(value)
+        return True
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy():
+        return False
+
+    def taken():
+        fn()
+        return tf.constant(True)
+
+    tf.cond(pred, taken, lambda: tf.constant(False))
+    return True

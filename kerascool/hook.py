@@ -26,13 +26,14 @@ threads them through its compiled step, and checkpoints and
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
 import keras
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _compat, distribution
 
 # Conventional orders; hooks run by ascending order in each phase.
 ACCUMULATE = 10  # before: gradient accumulation collects micro-batches first
@@ -64,7 +65,7 @@ class StepContext:
 
     def log(self, name: str, value) -> None:
         """Show `value` under `name` in this step's logs (progress bar, History)."""
-        self.registry._pending_logs[name] = value
+        self.registry._pending.logs[name] = value
 
 
 class HookState:
@@ -121,7 +122,8 @@ class HookRegistry:
         self.steps: Optional[keras.Variable] = None
         self._built: set[int] = set()
         self._state_ids: set[int] = set()
-        self._pending_logs: dict = {}
+        # Per thread: MirroredStrategy traces each replica's step in its own thread.
+        self._pending = threading.local()
         self.trace_count = 0
         self._retracing = False
         self._patch_model(model)
@@ -137,7 +139,8 @@ class HookRegistry:
             self.hooks.append(hook)
         if transient:
             self._transient.add(id(hook))
-        if self.model.optimizer is not None and getattr(self.model, "compiled", False):
+        # An uncompiled model has no `optimizer` attribute yet (decoration before compile).
+        if getattr(self.model, "optimizer", None) is not None and getattr(self.model, "compiled", False):
             self.prepare([hook])
 
     def detach(self, hook: StepHook) -> None:
@@ -167,6 +170,8 @@ class HookRegistry:
         Idempotent; a new optimizer (after a re-compile) gets fresh state.
         """
         model = self.model
+        # Engines where stock fit fails raise here, before anything is created.
+        distribution.check_supported(model)
         optimizer = _compat.inner_optimizer(model.optimizer)
         variables = list(model.trainable_variables)
         for hook in hooks:
@@ -204,16 +209,21 @@ class HookRegistry:
             # fit interrupted by an exception left behind are dropped.
             if not registry._retracing and registry.detach_transient():
                 force = True
-            if registry.hooks and model.optimizer is not None:
+            if registry.hooks and getattr(model, "optimizer", None) is not None:
                 registry.prepare(registry.hooks)
+            if force or model.train_function is None:
+                # JAX caches traces by function identity: a persistent train_step
+                # wrapper (prologue/epilogue) would bring back an older trace.
+                _compat.fresh_train_step(model)
             return original_make(force=force)
 
         def compute_metrics(*args, **kwargs):
             logs = original_metrics(*args, **kwargs)
-            if registry._pending_logs:  # filled at trace time by ctx.log
+            pending = getattr(registry._pending, "logs", None)
+            if pending:  # filled at trace time by ctx.log in this train step
                 logs = dict(logs)
-                logs.update(registry._pending_logs)
-                registry._pending_logs = {}
+                logs.update(pending)
+                registry._pending.logs = {}
             return logs
 
         # Instance attributes shadow the class methods; Keras's trainers call
@@ -235,7 +245,8 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
             if trainable_variables is not None
             else _compat.trainable_variables_of(optimizer)
         )
-        grads = list(grads)
+        grads = [_compat.densify(g) for g in grads]
+        registry._pending.logs = {}
         ctx = StepContext(registry, variables)
 
         # A static loss_scale_factor is removed inside `apply`; hooks see true gradients.
@@ -252,16 +263,28 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
         if scale is not None:
             grads = [None if g is None else g * scale for g in grads]
 
-        if ctx.applied is not None or any(h.needs_old_values for h in hooks):
+        if any(h.needs_old_values for h in hooks):
             ctx.old_values = [_compat.snapshot(v.value) for v in variables]
-        if ctx.applied is not None:
-            own = [v for v in optimizer.variables if id(v) not in registry._state_ids]
-            old_own = [_compat.snapshot(v.value) for v in own]
-        result = original(grads, trainable_variables)
-        if ctx.applied is not None:
+        # Keras's own gradient_accumulation_steps: only every k-th apply updates.
+        keras_update = _compat.accumulation_update_flag(optimizer)
+        if ctx.applied is None:
+            result = original(grads, trainable_variables)
+        else:
             # Vetoed step: weights and optimizer state keep their exact old values.
-            for v, old in zip(list(variables) + own, ctx.old_values + old_own):
-                v.assign(ops.where(ctx.applied, v.value, old))
+            own = [v for v in optimizer.variables if id(v) not in registry._state_ids]
+            result = None
+            # A real branch where possible: a vetoed step (accumulation micro-step) then costs nothing.
+            if not _compat.apply_if(ctx.applied, lambda: original(grads, trainable_variables), list(variables) + own):
+                if ctx.old_values is None:
+                    ctx.old_values = [_compat.snapshot(v.value) for v in variables]
+                old_own = [_compat.snapshot(v.value) for v in own]
+                result = original(grads, trainable_variables)
+                for v, old in zip(list(variables) + own, ctx.old_values + old_own):
+                    v.assign(ops.where(ctx.applied, v.value, old))
+        if keras_update is not None:
+            # Not a veto (Keras's accumulators must keep this micro-step): only what counts as real.
+            ctx.applied = keras_update if ctx.applied is None else ops.logical_and(ctx.applied, keras_update)
+        if ctx.applied is not None:
             registry.steps.assign_add(ops.cast(ctx.applied, "int32"))
         else:
             registry.steps.assign_add(1)
@@ -291,7 +314,7 @@ def real_steps(model) -> int:
     if registry is None or registry.steps is None:
         return 0
     _compat.sync_state(model)
-    return int(ops.convert_to_numpy(registry.steps.value))
+    return int(_compat.host_copy(registry.steps))
 
 
 class HookCallback(keras.callbacks.Callback):

@@ -22,6 +22,7 @@ pattern that matches nothing fails with the model untouched.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 from keras import ops
@@ -32,7 +33,7 @@ _TINY = 1e-12
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"Invalid value for argument `{name}`. Expected a finite number > 0. "
             f"Received: {name}={value!r}"
@@ -189,7 +190,7 @@ class Scale(GradientTransformation):
     """Multiply every gradient by a constant `factor`."""
 
     def __init__(self, factor: float):
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
             raise ValueError(f"Invalid value for argument `factor`. Expected a finite number. Received: factor={factor!r}")
         self.factor = float(factor)
 
