@@ -23,13 +23,14 @@ STEPS = 4
 
 def main(quick: bool = False) -> list:
     backend = keras.backend.backend()
-    n, batch = (1024, 64) if quick else (4096, 64)
+    n, batch = (512, 64) if quick else (4096, 64)
+    size = 0.1 if quick else 1.0
     x, y = data(n, 256)
     rows = []
     for jit in ([True, False] if backend == "tensorflow" and not quick else [True]):
         def build(**optimizer_kwargs):
             keras.utils.set_random_seed(0)
-            model = mlp(0.3 if quick else 1.0)
+            model = mlp(size)
             model.compile(optimizer=keras.optimizers.AdamW(1e-3, **optimizer_kwargs),
                           loss="sparse_categorical_crossentropy", jit_compile=jit)
             return model
@@ -43,10 +44,10 @@ def main(quick: bool = False) -> list:
         runs = 2 if quick else 5
         med = interleaved(
             {"stock": (stock, {}), "keras": (builtin, {}), "ours": (ours, {"callbacks": [accumulate]})},
-            fit, repeats=runs, epochs=3 if quick else 4,
+            fit, repeats=runs, epochs=2 if quick else 4,
         )
         rows.append({
-            "bench": f"accumulation k={STEPS} vs Keras's ({'0.3' if quick else '1'}M MLP, AdamW, micro-batch {batch})",
+            "bench": f"accumulation k={STEPS} vs Keras's ({size:g}M MLP, AdamW, micro-batch {batch})",
             "backend": backend + (" jit" if jit and backend == "tensorflow" else ""),
             "keras_s": med["keras"], "ours_s": med["ours"], "ratio": med["ours"] / med["keras"],
             "vs_stock": med["ours"] / med["stock"], "keras_vs_stock": med["keras"] / med["stock"],

@@ -6,9 +6,10 @@ Task (synthetic): position 0 holds a query token asking for one content token;
 the label says whether that content token occurs in the rest of the sequence.
 The classifier reads position 0 only, so attention from it must learn to find
 the matching token (averaging the sequence cannot tell), which the captured
-maps show epoch after epoch. The model is stock Keras; a custom gated feed-forward layer marks its gate
-with `kerascool.capture("gate", ...)`. Writes, under --out:
-captures/epoch_XXX.npz, captures/epoch_XXX/<layer path>/*.png, tensorboard/.
+maps show epoch after epoch. The model is stock Keras; a custom gated
+feed-forward layer marks its gate with `kerascool.capture("gate", ...)`.
+Writes, under --out: captures/probe.npz, captures/epoch_XXX.npz,
+captures/epoch_XXX/<key>.png, and TensorBoard images in tensorboard/.
 """
 
 import argparse
@@ -75,7 +76,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("kerascool_out", "capture"), help="output folder")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="a few seconds: small data, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: small data, 2 epochs, no TensorBoard")
     args = parser.parse_args(argv)
     epochs = args.epochs or (2 if args.quick else 12)
     n_train = 256 if args.quick else 2500
@@ -89,7 +90,8 @@ def main(argv=None):
         probe=8,  # the first 8 validation samples, the same every epoch
         every=2 if args.quick else 3,  # epochs 3, 6, 9, 12 (quick: epoch 2)
         directory=os.path.join(args.out, "captures"),
-        log_dir=os.path.join(args.out, "tensorboard"),
+        # TensorBoard images need TensorFlow (any backend); --quick leaves them out (importing TF takes time).
+        log_dir=None if args.quick else os.path.join(args.out, "tensorboard"),
     )
     model.fit(x[:n_train], y[:n_train], validation_data=(x[n_train:], y[n_train:]), batch_size=64,
               epochs=epochs, verbose=2, callbacks=[capture])
@@ -105,9 +107,9 @@ def main(argv=None):
         print(f"  epoch {epoch:3d}: {onto.mean():.3f}   (uniform: {np.mean(1 / length):.3f})")
     print("captured keys:", ", ".join(f"{k} {v.shape}" for k, v in capture.latest.items()))
 
-    # On demand, on any inputs:
-    now = capture.capture_now(x[:2])
-    print("capture_now on 2 samples:", {k: v.shape for k, v in now.items()})
+    # On demand, on any inputs (the probe's shape reuses the compiled pass; another shape compiles one more):
+    now = capture.capture_now(x[:8])
+    print("capture_now on 8 training samples:", {k: v.shape for k, v in now.items()})
     print(f"files in {os.path.abspath(os.path.join(args.out, 'captures'))}")
     return capture
 

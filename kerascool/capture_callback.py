@@ -131,7 +131,7 @@ class CaptureCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if (epoch + 1) % self.every:
             return
-        if self._probe is None and not any(k.startswith("val_") for k in (logs or {})):
+        if self.probe_size is not None and not any(k.startswith("val_") for k in (logs or {})):
             return  # the probe is validation data: capture where validation ran
         self._store(epoch + 1, self._run(self.model, self._probe_or_take(self.model)))
         self._captured_this_fit = True
@@ -139,7 +139,7 @@ class CaptureCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         if self._writer is not None:
             self._writer.flush()
-        if not self._captured_this_fit and self._probe is None:
+        if not self._captured_this_fit and self.probe_size is not None:
             warnings.warn(
                 f"CaptureCallback captured nothing: probe={self.probe_size} takes the first validation samples, "
                 "and this fit ran no validation. Pass validation_data=... (or validation_split=...) to fit, "

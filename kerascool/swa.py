@@ -82,7 +82,7 @@ class SWA(averaging.AveragingCallback):
         if hook.swap is None:
             return 0
         _compat.sync_state(hook.swap.model)
-        return int(ops.convert_to_numpy(hook.models.value))
+        return int(_compat.host_copy(hook.models))
 
     def _swap_ready(self) -> bool:
         return self.averaged_count() > 0
@@ -112,14 +112,14 @@ class SWA(averaging.AveragingCallback):
     def _take_pending_epoch(self) -> None:
         hook = self._hook
         _compat.sync_state(hook.swap.model)
-        if not int(ops.convert_to_numpy(hook.pending.value)):
+        if not int(_compat.host_copy(hook.pending)):
             return
         hook.pending.assign(0)
-        epochs = int(ops.convert_to_numpy(hook.epochs.value)) + 1
+        epochs = int(_compat.host_copy(hook.epochs)) + 1
         hook.epochs.assign(epochs)
         since = epochs - self.start
         if since > 0 and since % self.every == 0:
-            m = int(ops.convert_to_numpy(hook.models.value))
+            m = int(_compat.host_copy(hook.models))
             hook.average_now(m / (m + 1.0))
             hook.models.assign(m + 1)
 

@@ -5,7 +5,9 @@ engine runs in a fresh process, started with its own KERAS_BACKEND:
 
     python tests/dist_scenarios.py tf-mirrored clip ema    # MirroredStrategy, 2 logical CPU devices
     python tests/dist_scenarios.py jax-dp clip             # DataParallel, 2 forced host devices
-    python tests/dist_scenarios.py jax-mp clip --process-id 0 --coordinator 127.0.0.1:PORT  # one per process
+    python tests/dist_scenarios.py jax-mp clip --process-id 0 --addresses 127.0.0.1:P0,127.0.0.1:P1
+                                                           # one per process (process 0 coordinates)
+    python tests/dist_scenarios.py tf-multiworker multiworker --process-id 0 --addresses ...  # the same
 
 Each scenario trains the same tiny model twice in that process, once on one
 device and once distributed with the same global batches, and reports the
@@ -16,9 +18,14 @@ every process of a multi-process run). The process prints one line
 ``DIST_RESULT <json>`` mapping each scenario to its numbers, or to
 ``{"error": <traceback>}``.
 
-`run_engine` and `launch_processes` start these processes from the tests,
-bounded in time; when one process of a multi-process run dies, the others
-are killed and the launch fails instead of hanging.
+Scenarios: one per feature (`FEATURES`), plus ``skip_nonfinite``,
+``clipnorm`` (Keras's own `clipnorm` against kerascool's), ``checkpoint_all``
+(`BackupAndRestore` across engines), ``unsupported`` and ``multiworker``
+(where stock fit fails), and ``crash``/``hang`` (for the launcher's tests).
+
+`launch_processes` starts these processes from the tests, bounded in time;
+when one process of a multi-process run dies, the others are killed and the
+launch fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -167,11 +174,6 @@ def launch_processes(engine: str, scenarios, timeout: float, num_processes: int 
     finally:
         _kill(processes)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def run_engine(engine: str, scenarios, timeout: float) -> dict:
-    """Run `scenarios` on a one-process engine; its result dict."""
-    return launch_processes(engine, scenarios, timeout, num_processes=1)[0]
 
 
 # -- engines (in the scenario process) -------------------------------------------------
@@ -341,16 +343,16 @@ class Run:
         self.real_steps = kerascool.real_steps(model)
         self.history = {k: [float(x) for x in v] for k, v in history.history.items()} if history else {}
         self.spread = 0.0
+        self.copies = 1
         if distributed:
+            self.copies = min(len(engine.replica_values(v)) for v in model.weights)
             for v in list(model.weights) + list(variables):
                 copies = engine.replica_values(v)
-                self.spread = max(
-                    [self.spread] + [float(np.max(np.abs(c.astype("float64") - copies[0]), initial=0.0)) for c in copies]
-                )
+                self.spread = max([self.spread] + [_abs_diff(c, copies[0]) for c in copies])
 
 
 def train(engine, distributed, callbacks=lambda: [], epochs=2, optimizer=None, decorate=None,
-          x=None, y=None, batch=BATCH, validation=False, **unused) -> Run:
+          x=None, y=None, batch=BATCH, validation=False) -> Run:
     """Fit a fresh tiny model on one device or distributed, with the same global batches.
 
     `callbacks` and `optimizer` are factories (fresh objects per run);
@@ -416,7 +418,8 @@ def compare(ref: Run, dist: Run) -> dict:
         "history_diff": history_diff(ref.history, dist.history),
         "replica_spread": dist.spread,
         "real_steps": [ref.real_steps, dist.real_steps],
-        "moved": max_diff(ref.weights, [w * 0 for w in ref.weights]) > 0,
+        "moved": max_diff(ref.weights, build_model().get_weights()) > 1e-3,  # training did something
+        "copies": dist.copies,  # per process: 2 devices in one process, 1 per process in jax-mp
         "state_names": [n for n in dist.state_names if "kerascool" in n],
         "final_logs": {k: v[-1] for k, v in dist.history.items()},
         "digest": digest(dist),
@@ -538,7 +541,9 @@ def _features() -> dict:
     }
 
 
-FEATURES = ("clip", "ema", "swa", "swa_epoch", "lookahead", "accumulation", "layer_rates", "sam", "asam", "heun", "capture")
+FEATURES = (
+    "clip", "ema", "swa", "swa_epoch", "lookahead", "accumulation", "layer_rates", "sam", "asam", "heun", "capture",
+)
 
 
 def _feature_scenario(name):
@@ -715,15 +720,17 @@ def main(argv=None) -> int:
         engine = TFMultiWorker(args.addresses.split(","), args.process_id)
     else:
         engine = JAXMultiProcess(args.addresses.split(","), args.process_id)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="kerascool_dist_")
     results = {}
-    for name in args.scenarios:
-        start = time.monotonic()
-        try:
-            results[name] = SCENARIOS[name](engine, workdir)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        results[name]["seconds"] = round(time.monotonic() - start, 2)
+    with contextlib.ExitStack() as stack:
+        # Run by hand: a temporary folder of our own; launched: the launcher's (it removes it).
+        workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="kerascool_dist_"))
+        for name in args.scenarios:
+            start = time.monotonic()
+            try:
+                results[name] = SCENARIOS[name](engine, workdir)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+            results[name]["seconds"] = round(time.monotonic() - start, 2)
     print(MARKER + json.dumps(results), flush=True)
     return 0
 

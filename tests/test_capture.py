@@ -189,6 +189,16 @@ def test_attention_scores_equal_softmax_qk_with_padding_mask(attention_run):
     assert scores.std() > 0.05  # not a uniform map: the check above has teeth
 
 
+def test_attention_patch_is_restored_when_the_forward_pass_raises():
+    model = attention_model()
+    mha = model.get_layer("mha")
+    with pytest.raises(ValueError):
+        with kerascool.Capture(model, layers="head") as cap:
+            assert _patched(mha) == {"_compute_attention"} and _patched(model.get_layer("head")) == {"call"}
+            model(np.zeros((2, T + 3), "int32"))  # wrong length: the model raises mid-pass
+    assert not cap.installed and not any(_patched(layer) for layer in model._flatten_layers())
+
+
 def test_attention_scores_for_callers_that_ask_for_them_too():
     model = attention_model()
     mha = model.get_layer("mha")
@@ -351,7 +361,12 @@ def test_weights_bit_identical_and_train_function_untouched():
     for a, b in zip(weights_of(stock), weights_of(captured)):
         np.testing.assert_array_equal(a, b)
     assert all(f is functions[0] for f in functions)  # traced once, never replaced
-    assert not any("call" in vars(layer) for layer in captured.layers)
+    assert not any(_patched(layer) for layer in captured._flatten_layers())
+
+
+def _patched(layer):
+    """Instance attributes that shadow the methods a capture patches."""
+    return {"call", "_compute_attention"} & set(vars(layer))
 
 
 def test_patches_are_restored_on_exception_and_nothing_fires_after():
@@ -360,9 +375,9 @@ def test_patches_are_restored_on_exception_and_nothing_fires_after():
     cap = kerascool.Capture(model, layers=["block/d1", "head"])
     with pytest.raises(RuntimeError, match="boom"):
         with cap:
-            assert "call" in vars(block.d1)
+            assert _patched(block.d1) == {"call"}
             raise RuntimeError("boom")
-    assert "call" not in vars(block.d1) and "call" not in vars(model.head)
+    assert not any(_patched(layer) for layer in model._flatten_layers())
     cap.remove()  # idempotent
     model(np.ones((2, 4), "float32"))
     assert cap.keys == []  # nothing fires after exit, capture points included
@@ -378,7 +393,7 @@ def _assert_fails_before_training(model, callback, x, y, match, **fit_kwargs):
     assert int(model.optimizer.iterations.numpy()) == 0
     for a, b in zip(before, weights_of(model)):
         np.testing.assert_array_equal(a, b)
-    assert not any("call" in vars(layer) for layer in model._flatten_layers())
+    assert not any(_patched(layer) for layer in model._flatten_layers())
 
 
 def test_unknown_layer_name():

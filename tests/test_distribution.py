@@ -31,6 +31,7 @@ import dist_scenarios as dist
 BACKEND = keras.backend.backend()
 ENGINES = {"tensorflow": ["tf-mirrored"], "jax": ["jax-dp", "jax-mp"]}.get(BACKEND, [])
 TOL = 1e-5
+COPIES = {"tf-mirrored": 2, "jax-dp": 2, "jax-mp": 1}  # copies of each variable in one process
 TIMEOUT = 600  # seconds for one launch (2 shared cores in CI; normally well under 2 minutes)
 
 FEATURES = list(dist.FEATURES)
@@ -84,7 +85,7 @@ def scenario(engine: str, name: str) -> list:
     raise KeyError(f"no launch runs {name} on {engine}")
 
 
-def assert_parity(res: dict, what: str) -> None:
+def assert_parity(res: dict, engine: str, what: str) -> None:
     assert res["moved"], what
     assert res["weights_diff"] <= TOL, (what, res)
     assert res["state_diff"] <= TOL, (what, res)  # every optimizer variable, hook state included
@@ -92,6 +93,7 @@ def assert_parity(res: dict, what: str) -> None:
     assert res.get("extract_diff", 0.0) <= TOL, (what, res)
     assert res["real_steps"][0] == res["real_steps"][1], (what, res)
     assert res["replica_spread"] == 0.0, (what, res)  # replicas hold the same values
+    assert res["copies"] == COPIES[engine], (what, res)
 
 
 # What each feature shows besides parity: logs, real updates, extracted arrays.
@@ -117,7 +119,7 @@ def test_feature_matches_single_device(engine, feature):
     expected = EXPECTED[feature]
     for i, res in enumerate(runs):
         what = f"{feature} on {engine}, process {i}"
-        assert_parity(res, what)
+        assert_parity(res, engine, what)
         assert expected.get("logs", set()) <= set(res["final_logs"]), (what, res["final_logs"])
         assert res.get("extract_size") == expected.get("extract"), (what, res)
         if "steps" in expected:
@@ -132,7 +134,7 @@ def test_nonfinite_gradient_on_one_replica_skips_the_step_everywhere(engine):
     # replica sees it and skips; weights still match the single-device run.
     runs = scenario(engine, "skip_nonfinite")
     for res in runs:
-        assert_parity(res, f"skip_nonfinite on {engine}")
+        assert_parity(res, engine, f"skip_nonfinite on {engine}")
         assert res["final_logs"]["skipped_steps"] == 1.0
         assert res["real_steps"] == [3, 3]  # 4 batches, 1 skipped
     assert len({res["digest"] for res in runs}) == 1
