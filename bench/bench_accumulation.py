@@ -23,7 +23,7 @@ STEPS = 4
 
 def main(quick: bool = False) -> list:
     backend = keras.backend.backend()
-    n, batch = (512, 64) if quick else (4096, 64)
+    n, batch = (256, 64) if quick else (4096, 64)
     size = 0.1 if quick else 1.0
     x, y = data(n, 256)
     rows = []
@@ -41,7 +41,7 @@ def main(quick: bool = False) -> list:
         def fit(model, **kw):
             model.fit(x, y, batch_size=batch, verbose=0, **kw)
 
-        runs = 2 if quick else 5
+        runs = 1 if quick else 5
         med = interleaved(
             {"stock": (stock, {}), "keras": (builtin, {}), "ours": (ours, {"callbacks": [accumulate]})},
             fit, repeats=runs, epochs=2 if quick else 4,

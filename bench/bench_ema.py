@@ -45,7 +45,7 @@ def _size(variables) -> int:
 
 def main(quick: bool = False) -> list:
     backend = keras.backend.backend()
-    n, batch = (768, 256) if quick else (8192, 256)
+    n, batch = (512, 256) if quick else (8192, 256)
     x, y = data(n, 256)
     rows = []
     for jit in ([True, False] if backend == "tensorflow" and not quick else [True]):

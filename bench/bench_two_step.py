@@ -21,7 +21,7 @@ from kerascool import hook  # noqa: E402
 
 def main(quick: bool = False) -> list:
     backend = keras.backend.backend()
-    n, batch = (512, 64) if quick else (8192, 256)
+    n, batch = (256, 64) if quick else (8192, 256)
     x, y = data(n, 256)
     size = 0.1 if quick else 1.0
 
@@ -43,7 +43,7 @@ def main(quick: bool = False) -> list:
         model.fit(x, y, batch_size=batch, verbose=0, **kw)
 
     med = interleaved({k: (m, {}) for k, m in contenders.items()}, fit,
-                      repeats=2 if quick else 5, epochs=2 if quick else 4)
+                      repeats=1 if quick else 5, epochs=2 if quick else 4)
     return [
         {
             "bench": f"{name} step vs stock ({size:g}M MLP, SGD momentum, batch {batch})",

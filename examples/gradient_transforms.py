@@ -31,9 +31,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
 import kerascool  # noqa: E402
+
+try:
+    from sklearn.datasets import load_digits  # the data ships inside the package: nothing is downloaded
+except ImportError:
+    raise SystemExit("gradient_transforms.py reads scikit-learn's digits: pip install scikit-learn") from None
 
 
 def digits_with_corrupt_rows(n_corrupt: int, seed: int = 0):
@@ -102,7 +106,7 @@ def main(argv=None):
     layers = sorted(k for k in kc if k.startswith("grad_norm/"))
     print("\nincoming gradient norm per layer (epoch mean over the applied steps, before clipping):")
     for key in layers:
-        print(f"  {key[len('grad_norm/'):]:10s} " + " ".join(f"{v:7.3f}" for v in kc[key]))
+        print(f"  {key[len('grad_norm/'):]:20s} " + " ".join(f"{v:7.3f}" for v in kc[key]))
 
     with open(os.path.join(args.out, "histories.json"), "w") as f:
         json.dump(histories, f, indent=1)
@@ -119,6 +123,7 @@ def main(argv=None):
             ax.plot(range(1, epochs + 1), kc[key], marker="o", label=key[len("grad_norm/"):])
         ax.axhline(1.0, color="gray", linestyle=":", label="hidden clip norm")
         ax.set(xlabel="epoch", ylabel="gradient norm (epoch mean)", yscale="log", title="per-layer gradient norms")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "grad_norms.png"), dpi=100)

@@ -27,6 +27,9 @@ Conventions (why they matter: schedules and averages must see the big batch):
   see the accumulated mean gradient on the update step. On micro-steps they
   run too (their result is discarded with the vetoed update), so a transform
   that keeps statistics of its own sees the partial means as well.
+- Cost: a micro-step adds its gradient to the sums and skips the optimizer
+  (a real branch, see `kerascool.hook`); Keras's own accumulation computes
+  the update on every micro-step on JAX and selects it afterwards.
 """
 
 from __future__ import annotations

@@ -37,10 +37,22 @@ from kerascool import hook as hook_lib
 from kerascool.swap import SwapCallbackMixin, WeightSwap
 
 
-def blend(shadow, value, keep):
-    """``keep * shadow + (1 - keep) * value`` in the shadow's dtype (Keras's EMA form)."""
-    keep = ops.cast(keep, shadow.dtype)
-    return ops.add(ops.multiply(keep, shadow), ops.multiply(ops.subtract(1, keep), ops.cast(value, shadow.dtype)))
+def blend(shadow, value, keep, factors: Optional[dict] = None):
+    """``keep * shadow + (1 - keep) * value`` in the shadow's dtype (Keras's EMA form).
+
+    `factors` caches ``(keep, 1 - keep)`` per dtype across the variables of one step.
+    """
+    dtype = shadow.dtype
+    if factors is None or dtype not in factors:
+        cast = ops.cast(keep, dtype)
+        pair = (cast, ops.subtract(ops.cast(1, dtype), cast))
+        if factors is None:
+            factors = {}
+        factors[dtype] = pair
+    keep, move = factors[dtype]
+    if value.dtype != dtype:
+        value = ops.cast(value, dtype)
+    return ops.add(ops.multiply(keep, shadow), ops.multiply(move, value))
 
 
 def _is_float(variable) -> bool:
@@ -108,8 +120,9 @@ class AveragingHook(hook_lib.StepHook):
             self.updates.assign_add(1)
         if active is not False:
             self.advance(active)
+            factors: dict = {}
             for var, shadow in zip(variables, self.shadows):
-                new = blend(shadow.value, var.value, keep)
+                new = blend(shadow.value, var.value, keep, factors)
                 if active is not True:
                     new = ops.where(active, new, shadow.value)
                 shadow.assign(new)
@@ -124,15 +137,17 @@ class AveragingHook(hook_lib.StepHook):
 
     def average_non_trainable(self) -> None:
         """Move the non-trainable shadows as the step moved the others (epilogue)."""
-        active = ops.greater(self.last_active.value, 0.0)
+        active, factors = ops.greater(self.last_active.value, 0.0), {}
         for var, shadow in zip(self.extra_variables, self.extra_shadows):
-            shadow.assign(ops.where(active, blend(shadow.value, var.value, self.last_keep.value), shadow.value))
+            new = blend(shadow.value, var.value, self.last_keep.value, factors)
+            shadow.assign(ops.where(active, new, shadow.value))
 
     def average_now(self, keep) -> None:
         """Move every shadow once, eagerly (between steps: SWA per epoch)."""
         _compat.sync_state(self.swap.model)
+        factors: dict = {}
         for var, shadow in self.swap.pairs:
-            shadow.assign(blend(shadow.value, var.value, keep))
+            shadow.assign(blend(shadow.value, var.value, keep, factors))
 
 
 def _average_non_trainables(model) -> None:

@@ -152,12 +152,12 @@ class _EMAHook(averaging.AveragingHook):
         since = n - ema.start
         s = ops.cast(ops.maximum(since // ema.every - 1, 0), "float32")
         keep = self._decay(s)
-        if ema.start == 0 and ema.every == 1:
-            return True, keep
+        before = ops.less_equal(n, ema.start) if ema.start else None
+        if ema.every == 1:  # moves (or copies) on every update: no per-variable select in the step
+            return True, keep if before is None else ops.where(before, 0.0, keep)
         event = ops.logical_and(ops.greater(since, 0), ops.equal(since % ema.every, 0))
-        if ema.start == 0:
+        if before is None:
             return event, keep
-        before = ops.less_equal(n, ema.start)
         return ops.logical_or(before, event), ops.where(before, 0.0, keep)
 
 

@@ -13,7 +13,10 @@ Order within one step:
    (accumulation, transforms, clipping). A hook may veto the update with
    ``ctx.skip_unless(pred)``.
 2. the user's stock optimizer (`apply`), applied only where no hook vetoed it:
-   on a vetoed step, weights and optimizer state keep their old values exactly;
+   on a vetoed step, weights and optimizer state keep their old values exactly.
+   The veto is a real branch (`jax.lax.cond`, `tf.cond`): a vetoed step skips
+   the optimizer's work (under a TF distribution strategy, whose update is a
+   `merge_call`, the update is computed and discarded instead);
 3. the shared counter of real updates, ``registry.steps``, moves by one
    (only on real updates);
 4. ``after_update`` of each hook, by ascending ``order``: work on the updated

@@ -255,28 +255,19 @@ class LayerRates(hook_lib.StepHook):
 
     def after_update(self, variables, ctx):
         mult = self.multipliers.value
-        members: dict = {}
+        per_group: dict = {}
         for v, old in zip(variables, ctx.old_values):
             g = self.slot_of.get(id(v))
-            if g is not None:
-                members.setdefault(g, []).append((v, old))
-        for g, pairs in members.items():
-            m = mult[g]
-            news = [v.value for v, _ in pairs]
-            olds = [old for _, old in pairs]
-
-            def scaled(m=m, news=news, olds=olds):
-                return [o + ops.cast(m, n.dtype) * (n - o) for n, o in zip(news, olds)]
-
-            # m == 0 and m == 1 take the old / the optimizer's values exactly (no
-            # float round-off); a branch on the scalar also skips the arithmetic.
-            out = ops.cond(
-                ops.equal(m, 0.0),
-                lambda olds=olds: olds,
-                lambda news=news, scaled=scaled, m=m: ops.cond(ops.equal(m, 1.0), lambda: news, scaled),
-            )
-            for (v, _), value in zip(pairs, out):
-                v.assign(value)
+            if g is None:
+                continue
+            if g not in per_group:
+                m = mult[g]
+                per_group[g] = (m, ops.equal(m, 0.0), ops.equal(m, 1.0))
+            m, is_zero, is_one = per_group[g]
+            new = v.value
+            scaled = old + ops.cast(m, new.dtype) * (new - old)
+            # The two selects make m == 0 and m == 1 exact (no float round-off).
+            v.assign(ops.where(is_zero, old, ops.where(is_one, new, scaled)))
 
 
 def layer_rates(

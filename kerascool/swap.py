@@ -17,7 +17,9 @@ A swap opened before the call (``with swap.swapped(): model.evaluate(...)``)
 is left alone.
 
 Several swaps may be active on one model: the last one swapped in shows, and
-the model's own values come back once all are swapped out.
+the model's own values come back once all are swapped out. Checkpoints: while
+a callback made by ``with_averages`` runs, the model's ``save`` and
+``save_weights`` (guarded as well) swap the averages in around the save.
 
 >>> import keras
 >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
@@ -113,20 +115,26 @@ class _ModelSwaps:
         # JAX: the trainer may hold newer values than the variables; write them back first.
         _compat.sync_state(self.model)
         self._keep([var for var, _ in swap.pairs])
-        self._show(swap)
         self.active.append(swap)
+        try:
+            self._show(swap)
+        except BaseException:  # interrupted half-way: nothing half-swapped stays
+            self.leave(swap)
+            raise
         return True
 
     def leave(self, swap: WeightSwap) -> bool:
         if swap not in self.active:
             return False
         _compat.sync_state(self.model)
-        self.active.remove(swap)
+        remaining = [other for other in self.active if other is not swap]
         for var, value in self._backup.values():
             var.assign(value)
-        for other in self.active:  # the swaps still open show again, in order
+        for other in remaining:  # the swaps still open show again, in order
             self._show(other)
-        if not self.active:
+        # Only now: interrupted above, the swap is still active and its raw values kept (retry).
+        self.active = remaining
+        if not remaining:
             self._backup.clear()
         return True
 

@@ -13,19 +13,23 @@ final gradient. Both evaluations are inside the one compiled step.
 
 What the second evaluation shares with the first, and what it does not:
 
-- the batch, and the model state at the start of the step: the same dropout
-  masks (seeds), BatchNorm normalizing with the batch's own statistics;
+- it sees the same batch and the model state of the start of the step: the
+  same dropout masks (seeds); BatchNorm normalizes with the batch's own
+  statistics, as in the first;
 - nothing it writes is kept: BatchNorm moving statistics, metrics and the
   loss shown in the progress bar come from the first evaluation, at the
-  unperturbed weights, exactly as without the decorator.
-- Under TF MirroredStrategy both gradients are summed over replicas before
-  use, so every replica takes the same perturbation.
-- With a `LossScaleOptimizer`, the second loss is scaled the same way, and a
+  unperturbed weights, exactly as without the decorator;
+- distributed (TF MirroredStrategy, JAX DataParallel), both gradients are
+  global (summed over replicas), so every replica takes the same perturbation;
+- with a `LossScaleOptimizer` the second loss is scaled the same way, and a
   step whose second gradient is not finite is skipped (weights and optimizer
   state kept).
 
-`rho` and `eta` are fixed when decorating (calling `sam` again replaces the
-step and retraces).
+A model with its own `train_step` works if that step calls the optimizer's
+`apply` (or `apply_gradients`) once on the gradient of
+``compute_loss(x, y, model(x))``, the loss the second evaluation uses. `rho` and `eta` are fixed when
+decorating (calling `sam` again replaces the step and retraces). ASAM scales
+every trainable variable, biases included.
 """
 
 from __future__ import annotations
