@@ -83,18 +83,25 @@ class _TransformHook(hook_lib.StepHook):
             self.means[name] = (state.variable(f"mean{i}_sum"), state.variable(f"mean{i}_count"))
 
     def _log_mean(self, ctx, name, value):
+        # Mean over the steps actually applied: a step vetoed by SkipNonFinite
+        # (NaN norm) would otherwise turn the epoch mean into NaN for good.
         total, count = self.means[name]
-        total.assign_add(ops.cast(value, total.dtype))
-        count.assign_add(1.0)
-        ctx.log(name, total.value / count.value)
+        applied = ops.ones((), "bool") if ctx.applied is None else ctx.applied
+        total.assign_add(ops.where(applied, ops.cast(value, total.dtype), 0.0))
+        count.assign_add(ops.cast(applied, count.dtype))
+        ctx.log(name, total.value / ops.maximum(count.value, 1.0))
 
     def before_update(self, grads, variables, ctx):
+        norms = {}
         if self.log_norms:
-            self._log_mean(ctx, "grad_norm", global_norm(grads))
+            norms["grad_norm"] = global_norm(grads)  # of the incoming gradients
         if self.log_norms == "layer":
             by_layer: dict = {}
             for g, v in zip(grads, variables):
                 by_layer.setdefault(layer_of(v), []).append(g)
             for layer, gs in by_layer.items():
-                self._log_mean(ctx, f"grad_norm/{layer}", global_norm(gs))
-        return self.transform.update(grads, variables, ctx)
+                norms[f"grad_norm/{layer}"] = global_norm(gs)
+        grads = self.transform.update(grads, variables, ctx)
+        for name, value in norms.items():  # after the transforms: they may veto the step
+            self._log_mean(ctx, name, value)
+        return grads

@@ -282,7 +282,9 @@ class SwapCallbackMixin:
         ``save_weights``, as `keras.callbacks.ModelCheckpoint` does) the
         averages are swapped in for the save and out again, whatever the
         order of the callback list. Other callbacks, `BackupAndRestore`
-        included, keep saving the raw training state.
+        included, keep saving the raw training state. To monitor
+        ``val_ema_loss`` (``validation="both"``) pass ``mode="min"``: Keras
+        cannot tell the direction of a metric name it does not know.
         """
         owner = self
 
