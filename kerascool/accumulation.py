@@ -97,6 +97,8 @@ class _AccumulateHook(hook_lib.StepHook):
             )
 
     def build(self, model, variables, state):
+        if self.steps == 1:
+            return  # nothing to sum
         # Sums in float32 at least: a float16 sum of k gradients loses bits.
         self.sums = [
             state.variable(f"sum{i}", v.shape, _sum_dtype(v.dtype)) for i, v in enumerate(variables)
@@ -113,13 +115,25 @@ class _AccumulateHook(hook_lib.StepHook):
             if g is None:
                 out.append(None)
                 continue
-            summed = total.value + ops.cast(g, total.dtype)
-            out.append(ops.cast(summed / self.steps, g.dtype))
-            # The sum restarts after an update; `where` keeps the step branch-free.
-            total.assign(ops.where(update, ops.zeros_like(summed), summed))
+            total.assign_add(ops.cast(g, total.dtype))
+            out.append(ops.cast(total.value / self.steps, g.dtype))
         self.micro.assign(ops.where(update, 0, count))
         ctx.skip_unless(update)
         return out
+
+    def after_update(self, variables, ctx):
+        if self.steps == 1:
+            return
+        # The sums restart after an update (micro was just reset to 0). A real branch where
+        # possible: a micro-step then only adds its gradient, as Keras's own accumulation does.
+        update = ops.equal(self.micro.value, 0)
+        if not _compat.apply_if(update, self._reset, self.sums):
+            for total in self.sums:
+                total.assign(ops.where(update, ops.zeros_like(total.value), total.value))
+
+    def _reset(self):
+        for total in self.sums:
+            total.assign(ops.zeros(total.shape, total.dtype))
 
 
 def _sum_dtype(dtype) -> str:

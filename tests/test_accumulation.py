@@ -152,6 +152,15 @@ def test_backup_and_restore_resumes_the_partial_sum(tmp_path):
     assert kerascool.real_steps(resumed) == kerascool.real_steps(reference) == 4  # 9 micro-batches // 2
 
 
+def test_one_step_is_the_stock_step():
+    x, y = regression_data(n=16)
+    stock, ours = twin_models(keras.optimizers.Adam(0.01), keras.optimizers.Adam(0.01))
+    stock.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    ours.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[kerascool.GradientAccumulation(steps=1)])
+    assert_close(weights_of(ours), weights_of(stock), atol=0)
+    assert kerascool.real_steps(ours) == int(ours.optimizer.iterations) == 4
+
+
 @pytest.mark.parametrize("steps", [0, -2, 2.0, True, "4"])
 def test_bad_steps_raise(steps):
     with pytest.raises(ValueError, match=r"Invalid value for argument `steps`. Expected an integer >= 1"):
