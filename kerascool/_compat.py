@@ -153,11 +153,28 @@ def symbolic_inputs(model):
     return struct
 
 
-def trace_shapes(model, inputs) -> None:
-    """Run `model` on symbolic `inputs` with backend placeholders (no data)."""
+def trace_shapes(model, inputs, values=None) -> None:
+    """Run `model` on symbolic `inputs` with backend placeholders (no data).
+
+    ``values``: (trainable, non_trainable) values to read the variables from
+    (from `before_first_train_step`), else the variables themselves.
+    """
     from keras.src import backend as backend_module
 
-    backend_module.compute_output_spec(model, inputs, training=False)
+    if values is None:
+        backend_module.compute_output_spec(model, inputs, training=False)
+        return
+    trainable, non_trainable = values
+    backend_module.compute_output_spec(
+        lambda x: _stateless_inference(model, trainable, non_trainable, x), inputs
+    )
+
+
+def _stateless_inference(model, trainable, non_trainable, x):
+    # `stateless_call` hands its keywords to `call` as they are: `training`
+    # only where `call` takes it (as Keras's JAX trainer does).
+    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+    return model.stateless_call(trainable, non_trainable, x, **kwargs)[0]
 
 
 def validation_batches(model):
@@ -171,6 +188,76 @@ def validation_batches(model):
     if iterator is None:
         return None
     return iterator.data_adapter.get_numpy_iterator()
+
+
+def before_first_train_step(model, check):
+    """Call ``check(x, values)`` at fit's next train-function call, before that step runs.
+
+    ``x``: the inputs of the first training batch as KerasTensors (batch axis
+    None), or None where their spec cannot be read; ``values``: what
+    `trace_shapes` needs to read the model's variables (JAX's `fit` holds
+    them outside the variables while it runs). For subclassed models,
+    which declare no inputs, this is the first moment their input spec is
+    known (Keras 3.15's TF trainer builds them only when the step traces).
+    The compiled train function is not touched: `model.train_function` (an
+    instance attribute Keras sets in `make_train_function`) is shadowed by a
+    one-shot wrapper that puts it back before calling it. TF passes an
+    iterator whose `element_spec` is read; JAX a Python iterator, whose first
+    batch is peeked and handed back in front. Returns ``undo()``.
+    """
+    import itertools
+
+    original = model.train_function
+
+    def undo():
+        if model.__dict__.get("train_function") is train_function:
+            model.train_function = original
+
+    def train_function(*args):
+        undo()
+        if backend() == "jax":
+            state, iterator = args
+            batch = next(iterator)
+            args = (state, itertools.chain([batch], iterator))
+            # fit has moved the variables' values into `state` (the variables
+            # are purged): trace with those, and put them back if the check
+            # fails, or the model would be left without values.
+            try:
+                check(_input_spec(batch), (state[0], state[1]))
+            except BaseException:
+                groups = (model.trainable_variables, model.non_trainable_variables)
+                groups += (model.optimizer.variables, model.metrics_variables)
+                for variables, values in zip(groups, state):
+                    for variable, value in zip(variables, values):
+                        variable.assign(value)
+                raise
+        else:
+            check(_input_spec(getattr(args[0], "element_spec", None)), None)
+        return original(*args)
+
+    model.train_function = train_function
+    return undo
+
+
+def _input_spec(batch):
+    if batch is None:
+        return None
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+
+    def spec(leaf):
+        # MirroredStrategy's iterator: a `PerReplicaSpec` of equal per-replica specs.
+        leaf = getattr(leaf, "_value_specs", (leaf,))[0]
+        shape = getattr(leaf, "shape", None)
+        if shape is None or getattr(shape, "rank", 0) is None:
+            return None
+        shape = tuple(shape)
+        return keras.KerasTensor((None,) + shape[1:], dtype=keras.backend.standardize_dtype(leaf.dtype))
+
+    try:
+        x = keras.tree.map_structure(spec, x)
+    except Exception:  # noqa: BLE001 - a distributed or ragged spec: unknown
+        return None
+    return None if any(leaf is None for leaf in keras.tree.flatten(x)) else x
 
 
 def compiled_forward(model, body):
@@ -192,7 +279,7 @@ def compiled_forward(model, body):
 
     def pure(trainable, non_trainable, x):
         def forward(inputs):
-            return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
+            return _stateless_inference(model, trainable, non_trainable, inputs)
 
         return body(forward, x)
 

@@ -3,11 +3,13 @@
 After validation, every `every` epochs, the callback runs one extra forward
 pass (inference mode) on a fixed probe batch. That pass is compiled once per
 `fit` (`tf.function` / `jax.jit`) with a `kerascool.Capture` installed only
-while it traces; the captured tensors are its outputs. The first pass runs
-eagerly before training (with user-given probe data) so that misuse fails
-early with the model's own message. The train and test functions are never
-retraced and never see the capture, so training is bit-identical with and
-without it.
+while it traces; the captured tensors are its outputs. Misuse fails before
+the first training step: with user-given probe data a first eager pass
+shows the model's own message; otherwise a pass on placeholders (the
+model's declared inputs, or for a subclassed model the spec of `fit`'s
+first training batch) finds chosen layers that inference never calls.
+The train and test functions are never retraced and never see the capture,
+so training is bit-identical with and without it.
 
 Files, when `directory` is given (epochs are numbered from 1, as in Keras's
 progress bar and `ModelCheckpoint`):
@@ -121,12 +123,23 @@ class CaptureCallback(keras.callbacks.Callback):
         self._probe_saved = False
         self._captured_this_fit = False
         self._writer = None
+        self._undo_spy = None
         self.trace_count = 0
 
     # -- fit --------------------------------------------------------------------
     def on_train_begin(self, logs=None) -> None:
         self._captured_this_fit = False
         self._prepare(self.model)
+        self._undo_spy = None
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        # A subclassed model declares no inputs: its selection is checked on the
+        # spec of fit's first training batch, just before the first step runs
+        # (installed here, after every callback's on_train_begin has retraced).
+        if not self._checked and self._probe is None and self._undo_spy is None:
+            self._undo_spy = _compat.before_first_train_step(
+                self.model, lambda x, values: self._check_symbolically(self.model, x, values)
+            )
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if (epoch + 1) % self.every:
@@ -137,6 +150,8 @@ class CaptureCallback(keras.callbacks.Callback):
         self._captured_this_fit = True
 
     def on_train_end(self, logs=None) -> None:
+        if self._undo_spy is not None:
+            self._undo_spy()  # fit ran no step
         if self._writer is not None:
             self._writer.flush()
         if not self._captured_this_fit and self.probe_size is not None:
@@ -200,14 +215,21 @@ class CaptureCallback(keras.callbacks.Callback):
             self._run(model, self._probe, "probe")  # a dry run: raises on misuse
             return
         inputs = _compat.symbolic_inputs(model)
+        if inputs is not None:
+            self._check_symbolically(model, inputs)
+        # else a subclassed model: checked on the spec of fit's first training
+        # batch (`on_epoch_begin`), or at the first capture outside fit.
+
+    def _check_symbolically(self, model, inputs, values=None) -> None:
+        """Which selected layers a forward pass on placeholders calls (no data, no compute)."""
         if inputs is None:
-            return  # subclassed model: checked at the first capture
+            return
         capture = self._capture
         capture.clear()
         capture.symbolic = True
         try:
             with capture:
-                _compat.trace_shapes(model, inputs)
+                _compat.trace_shapes(model, inputs, values)
         except Exception:  # noqa: BLE001 - a model that cannot trace on placeholders is checked later
             return
         finally:

@@ -412,6 +412,57 @@ def test_layer_never_called_in_a_forward_pass():
     _assert_fails_before_training(model, cb, x, y, r"'net/block/aux'.*never called")
 
 
+def test_layer_never_called_with_validation_probe_subclassed():
+    # No probe data and no declared inputs: checked on fit's first training
+    # batch, before its step runs. `aux` runs only with training=True.
+    model = subclassed()
+    model.optimizer.build(model.trainable_variables)
+    x, y = regression_data(n=8, inputs=4, outputs=2)
+    cb = kerascool.CaptureCallback(layers=["head", "block/aux"])
+    _assert_fails_before_training(model, cb, x, y, r"'net/block/aux'.*never called", validation_split=0.5)
+    assert "before_first_train_step" not in getattr(model.train_function, "__qualname__", "")  # no spy left
+
+
+def test_subclassed_check_leaves_training_bit_identical():
+    # The check peeks at fit's first batch (JAX: hands it back in front of the
+    # iterator); with steps_per_execution=2 each call takes two batches.
+    def train(callbacks):
+        model = subclassed()
+        x, y = regression_data(n=40, inputs=4, outputs=2)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=2)
+        model.fit(x, y, validation_split=0.2, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        return model
+
+    cb = kerascool.CaptureCallback(layers="head", probe=3)
+    captured, stock = train([cb]), train([])
+    for a, b in zip(weights_of(stock), weights_of(captured)):
+        np.testing.assert_array_equal(a, b)
+    assert int(captured.optimizer.iterations.numpy()) == 16 and sorted(cb.captures) == [1, 2]
+
+
+def test_unbuilt_subclassed_model_is_checked_before_its_first_step():
+    class Gated(keras.Model):
+        def __init__(self):
+            super().__init__(name="gated")
+            self.body = keras.layers.Dense(3, name="body")
+            self.unused = keras.layers.Activation("relu", name="unused")  # no weights: always "built"
+
+        def call(self, x):
+            return self.body(x)
+
+    model = Gated()
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = regression_data(n=8, inputs=4, outputs=3)
+    with pytest.raises(ValueError, match=r"'(gated/)?unused'.*never called"):
+        model.fit(x, y, validation_split=0.5, verbose=0, callbacks=[kerascool.CaptureCallback(layers="unused")])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    # The same callback kind on a called layer trains and captures the validation probe.
+    cb = kerascool.CaptureCallback(layers="body", probe=2)
+    model.fit(x, y, validation_split=0.5, epochs=2, verbose=0, callbacks=[cb])
+    probe = x[4:6]  # validation_split takes the last samples
+    np.testing.assert_allclose(cb.latest["gated/body"], _dense(model.body, probe), rtol=1e-5, atol=1e-6)
+
+
 def test_layer_never_called_with_validation_probe_functional():
     model = attention_model()
     model.optimizer.build(model.trainable_variables)
