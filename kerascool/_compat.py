@@ -344,55 +344,101 @@ def accumulation_update_flag(optimizer):
     return ops.equal(ops.mod(snapshot(optimizer._iterations.value) + 1, steps), 0)
 
 
-def add_train_step_epilogue(model, name: str, epilogue) -> None:
-    """Run ``epilogue(model)`` at the end of every train step, inside the compiled step.
+# -- the train-step wrapper (kerascool/anneal.py, averaging.py, two_step.py) ----------
 
-    There every model variable (trainable or not) reads its value after the
-    step, and optimizer variables may be assigned. Needed for non-trainable
-    variables (BatchNorm statistics): the forward pass updates them, but inside
-    JAX's `stateless_apply` (where `StepHook`s run) they are not mapped. On JAX
-    the epilogue runs in a `StatelessScope` over the step's output state; on TF
-    after the step's own ops (automatic control dependencies order them).
-    Idempotent per `name`; the wrapper is an instance attribute of `model`, and
-    the train function must be (re)traced afterwards.
+
+class StepWork:
+    """Per-step work that needs more than `apply` sees (see `add_step_work`).
+
+    before: ``fn(model)`` at the start of the step, before the forward pass;
+        it may assign non-trainable and optimizer variables, and the step sees
+        the new values.
+    around: ``fn(model, data, state)`` returning a context manager, entered
+        around the stock step at trace time: the batch, and the step's input
+        state (JAX; None on TF, where the variables hold it).
+    after: ``fn(model)`` at the end of the step: every variable reads its
+        value after the step; it may assign optimizer variables.
     """
-    epilogues = model.__dict__.get("_kerascool_epilogues")
-    if epilogues is None:
-        epilogues = {}
-        object.__setattr__(model, "_kerascool_epilogues", epilogues)
-        original = model.train_step
-        if backend() == "jax":
 
-            def train_step(state, data):
+    def __init__(self, before=None, around=None, after=None):
+        self.before, self.around, self.after = before, around, after
+
+
+def add_step_work(model, name: str, work: StepWork) -> None:
+    """Install `work` in the model's train step, inside the compiled step.
+
+    The `StepHook`s run inside `optimizer.apply`, which sees the gradients and
+    the trainable variables only. Work that needs the batch, the start of the
+    step or the non-trainable variables after the step (BatchNorm statistics,
+    which JAX's `stateless_apply` does not map) goes here: ONE wrapper of
+    `train_step` per model (an instance attribute, kept as a pass-through when
+    empty), running all work in the order before, around, stock step, after.
+    On JAX, `before` and `after` run in a `StatelessScope` over the step's
+    state and what they assign replaces the values in that state (a plain
+    assign would be lost: the compiled step reads its state, not the
+    variables); on TF, automatic control dependencies order them around the
+    step's own ops. Idempotent per `name`; retrace the train function after.
+    """
+    registry = model.__dict__.get("_kerascool_step_work")
+    if registry is None:
+        registry = {}
+        object.__setattr__(model, "_kerascool_step_work", registry)
+        object.__setattr__(model, "train_step", _step_work_wrapper(model, model.train_step, registry))
+    registry[name] = work
+
+
+def remove_step_work(model, name: str) -> None:
+    """Undo `add_step_work` for `name` (idempotent); retrace afterwards."""
+    registry = model.__dict__.get("_kerascool_step_work")
+    if registry is not None:
+        registry.pop(name, None)
+
+
+def _step_work_wrapper(model, original, registry: dict):
+    def train_step(*args):
+        work = list(registry.values())
+        if not work:
+            return original(*args)
+        data, state = train_step_data(args)
+        before = [w.before for w in work if w.before is not None]
+        after = [w.after for w in work if w.after is not None]
+        if before:
+            state = _run_on_state(model, state, before)
+        with contextlib.ExitStack() as stack:
+            for w in work:
+                if w.around is not None:
+                    stack.enter_context(w.around(model, data, state))
+            if state is None:
+                logs = original(data)
+            else:
                 logs, state = original(state, data)
-                if not epilogues:
-                    return logs, state
-                trainable, non_trainable, optimizer_values, metrics = state
-                optimizer_variables = model.optimizer.variables
-                mapping = (
-                    list(zip(model.trainable_variables, trainable))
-                    + list(zip(model.non_trainable_variables, non_trainable))
-                    + list(zip(optimizer_variables, optimizer_values))
-                )
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    for fn in list(epilogues.values()):
-                        fn(model)
-                optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
-                return logs, (trainable, non_trainable, optimizer_values, metrics)
+        if after:
+            state = _run_on_state(model, state, after)
+        return logs if state is None else (logs, state)
 
-        else:
-
-            def train_step(*args, **kwargs):
-                logs = original(*args, **kwargs)
-                for fn in list(epilogues.values()):
-                    fn(model)
-                return logs
-
-        object.__setattr__(model, "train_step", train_step)
-    epilogues[name] = epilogue
+    return train_step
 
 
-# -- two-gradient steps (kerascool/two_step.py) ----------------------------------
+def _run_on_state(model, state, fns):
+    """Run ``fn(model)`` for each of `fns` on the variables, or on JAX's step state."""
+    if state is None:
+        for fn in fns:
+            fn(model)
+        return None
+    trainable, non_trainable, optimizer_values, metrics = state
+    non_trainable_variables = model.non_trainable_variables
+    optimizer_variables = model.optimizer.variables
+    mapping = (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(non_trainable_variables, non_trainable))
+        + list(zip(optimizer_variables, optimizer_values))
+    )
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        for fn in fns:
+            fn(model)
+    non_trainable = [scope.get_current_value(v) for v in non_trainable_variables]
+    optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
+    return trainable, non_trainable, optimizer_values, metrics
 
 
 def train_step_data(args: tuple):
@@ -405,6 +451,32 @@ def train_step_data(args: tuple):
     if backend() == "jax":
         return args[1], args[0]
     return args[0], None
+
+
+
+def fresh_train_step(model) -> None:
+    """Give a wrapped `train_step` (an instance attribute) a new identity before a retrace.
+
+    `jax.jit` caches traces by the identity of the function it compiles
+    (weakly: the bound methods Keras passes are new objects each time, so
+    plain models always retrace). A wrapper kept as an instance attribute
+    (`add_step_work`) is the same object
+    in every `fit`, and jit would reuse the trace of an earlier `fit` made
+    with other hooks. A copy of the function (same code and closure) is a new
+    cache key. Checked with jax 0.10.2.
+    """
+    import types
+
+    step = model.__dict__.get("train_step")
+    if backend() != "jax" or not isinstance(step, types.FunctionType):
+        return
+    fresh = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
+    fresh.__kwdefaults__ = step.__kwdefaults__
+    fresh.__dict__.update(step.__dict__)
+    object.__setattr__(model, "train_step", fresh)
+
+
+# -- two-gradient steps (kerascool/two_step.py) ----------------------------------
 
 
 def step_start_mapping(model, state) -> list:
@@ -454,63 +526,7 @@ def value_and_grad(fn, values: list):
 
 
 
-# -- before the forward pass; metrics from inside it (kerascool/anneal.py, scalars.py) ----
-
-
-def add_train_step_prologue(model, name: str, prologue) -> None:
-    """Run ``prologue(model)`` at the START of every train step, inside the compiled step.
-
-    There model and optimizer variables read their values at the start of the
-    step, and the prologue may assign the model's non-trainable variables: the
-    forward pass and the loss of this very step see the new values. On JAX
-    the prologue runs in a `StatelessScope` over the step's input state and
-    what it assigns replaces the values in that state (a plain assign would
-    be lost: the compiled step reads its state, not the variables); on TF it
-    runs before the step's own ops (automatic control dependencies order
-    them). Idempotent per `name`; the wrapper is an instance attribute of
-    `model`; retrace the train function afterwards.
-    """
-    prologues = model.__dict__.get("_kerascool_prologues")
-    if prologues is None:
-        prologues = {}
-        object.__setattr__(model, "_kerascool_prologues", prologues)
-        original = model.train_step
-        if backend() == "jax":
-
-            def train_step(state, data):
-                if not prologues:
-                    return original(state, data)
-                trainable, non_trainable, optimizer_values, metrics = state
-                non_trainable_variables = model.non_trainable_variables
-                optimizer_variables = model.optimizer.variables
-                mapping = (
-                    list(zip(model.trainable_variables, trainable))
-                    + list(zip(non_trainable_variables, non_trainable))
-                    + list(zip(optimizer_variables, optimizer_values))
-                )
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    for fn in list(prologues.values()):
-                        fn(model)
-                non_trainable = [scope.get_current_value(v) for v in non_trainable_variables]
-                optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
-                return original((trainable, non_trainable, optimizer_values, metrics), data)
-
-        else:
-
-            def train_step(*args, **kwargs):
-                for fn in list(prologues.values()):
-                    fn(model)
-                return original(*args, **kwargs)
-
-        object.__setattr__(model, "train_step", train_step)
-    prologues[name] = prologue
-
-
-def remove_train_step_prologue(model, name: str) -> None:
-    """Undo `add_train_step_prologue` for `name` (idempotent); retrace afterwards."""
-    prologues = model.__dict__.get("_kerascool_prologues")
-    if prologues is not None:
-        prologues.pop(name, None)
+# -- metrics updated inside the forward pass (kerascool/scalars.py) --------------------
 
 
 _DEFERRED_METRIC_UPDATES: list = []
@@ -579,28 +595,6 @@ def _install_deferred_metric_updates() -> None:
 
     compute_loss_and_updates._kerascool = True
     JAXTrainer.compute_loss_and_updates = compute_loss_and_updates
-
-
-def fresh_train_step(model) -> None:
-    """Give a wrapped `train_step` (an instance attribute) a new identity before a retrace.
-
-    `jax.jit` caches traces by the identity of the function it compiles
-    (weakly: the bound methods Keras passes are new objects each time, so
-    plain models always retrace). A wrapper kept as an instance attribute
-    (`add_train_step_prologue`, `add_train_step_epilogue`) is the same object
-    in every `fit`, and jit would reuse the trace of an earlier `fit` made
-    with other hooks. A copy of the function (same code and closure) is a new
-    cache key. Checked with jax 0.10.2.
-    """
-    import types
-
-    step = model.__dict__.get("train_step")
-    if backend() != "jax" or not isinstance(step, types.FunctionType):
-        return
-    fresh = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
-    fresh.__kwdefaults__ = step.__kwdefaults__
-    fresh.__dict__.update(step.__dict__)
-    object.__setattr__(model, "train_step", fresh)
 
 
 # -- distribution (kerascool/distribution.py) -------------------------------------

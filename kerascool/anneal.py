@@ -101,7 +101,7 @@ class AnnealVariable(hook_lib.HookCallback):
         self.per = per
         self.log_as = log_as
         self._hook = _AnnealHook(self)
-        self._prologue_name = f"anneal_{id(self)}"
+        self._step_work_name = f"anneal_{id(self)}"
 
     # -- values ---------------------------------------------------------------
     def value_at(self, t):
@@ -152,10 +152,10 @@ class AnnealVariable(hook_lib.HookCallback):
         # step, and on JAX its (possibly weakly typed) initial value gets the type the step
         # writes, so that the first step is not traced twice.
         self.variable.assign(self._eager_value(registry.steps.value))
-        _compat.add_train_step_prologue(self.model, self._prologue_name, self._prologue)
+        _compat.add_step_work(self.model, self._step_work_name, _compat.StepWork(before=self._set_for_step))
         super().on_train_begin(logs)
 
-    def _prologue(self, model) -> None:
+    def _set_for_step(self, model) -> None:
         registry = hook_lib.registry_for(model)
         if self._hook not in registry.hooks:
             return  # traced for a later fit that this callback is not part of
@@ -164,7 +164,7 @@ class AnnealVariable(hook_lib.HookCallback):
     def on_train_end(self, logs=None) -> None:
         if self.per == "epoch":
             return
-        _compat.remove_train_step_prologue(self.model, self._prologue_name)
+        _compat.remove_step_work(self.model, self._step_work_name)
         super().on_train_end(logs)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:

@@ -19,7 +19,7 @@ so checkpoints and `BackupAndRestore` hold them; the `WeightSwap` over them
 Non-trainable variables (BatchNorm statistics, opt-in) are averaged at the end
 of the train step, after the forward pass has updated them: inside JAX's
 ``stateless_apply`` they are not readable, so the step's move (``keep`` and
-``active``) is recorded and applied to them by a train-step epilogue.
+``active``) is recorded and applied to them after the train step (`_compat.add_step_work`).
 
 >>> import keras
 >>> round(float(blend(keras.ops.ones(()), keras.ops.zeros(()), 0.9)), 6)
@@ -106,7 +106,7 @@ class AveragingHook(hook_lib.StepHook):
             self.extra_shadows = [state.like(v, f"nt{i}") for i, v in enumerate(self.extra_variables)]
             self.last_keep = state.variable("last_keep", (), "float32")
             self.last_active = state.variable("last_active", (), "float32")
-            _compat.add_train_step_epilogue(model, "kerascool_averages", _average_non_trainables)
+            _compat.add_step_work(model, "kerascool_averages", _compat.StepWork(after=_average_non_trainables))
             pairs += list(zip(self.extra_variables, self.extra_shadows))
         self.swap = WeightSwap(model, pairs, name=self.name)
 
@@ -136,7 +136,7 @@ class AveragingHook(hook_lib.StepHook):
             self.last_active.assign(moved)
 
     def average_non_trainable(self) -> None:
-        """Move the non-trainable shadows as the step moved the others (epilogue)."""
+        """Move the non-trainable shadows as the step moved the others (after the step)."""
         active, factors = ops.greater(self.last_active.value, 0.0), {}
         for var, shadow in zip(self.extra_variables, self.extra_shadows):
             new = blend(shadow.value, var.value, self.last_keep.value, factors)

@@ -216,7 +216,7 @@ class HookRegistry:
                 registry.prepare(registry.hooks)
             if force or model.train_function is None:
                 # JAX caches traces by function identity: a persistent train_step
-                # wrapper (prologue/epilogue) would bring back an older trace.
+                # wrapper (`_compat.add_step_work`) would bring back an older trace.
                 _compat.fresh_train_step(model)
             return original_make(force=force)
 

@@ -34,6 +34,7 @@ every trainable variable, biases included.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -180,6 +181,7 @@ def stock_step(model: keras.Model) -> keras.Model:
     hook = _HOOKS.pop(model, None)
     if hook is not None:
         hook_lib.registry_for(model).detach(hook)
+        _compat.remove_step_work(model, "two_step")
         model.train_function = None
     return model
 
@@ -198,37 +200,19 @@ def _install(model, rule: TwoGradientRule):
         )
     stock_step(model)
     hook = _SecondGradientHook(rule)
-    _wrap_train_step(model)
+    _compat.add_step_work(model, "two_step", _compat.StepWork(around=_hand_over_the_batch))
     _HOOKS[model] = hook
     hook_lib.registry_for(model).attach(hook)
     model.train_function = None  # the next fit traces the new step
     return model
 
 
-def _wrap_train_step(model) -> None:
-    """Let the model's train step hand its batch to the hook (once per model).
-
-    The wrapper stays after `stock_step` as a pass-through: unwrapping could
-    drop a wrapper that another feature put around it later.
-    """
-    if model.__dict__.get("_kerascool_two_step_wrapped"):
-        return
-    original = model.train_step
-
-    def train_step(*args):
-        hook = _HOOKS.get(model)
-        if hook is None:
-            return original(*args)
-        data, state = _compat.train_step_data(args)
-        # At trace time: the batch, and how the model looked when the step began.
-        hook.pending.step = (data, _compat.step_start_mapping(model, state))
-        try:
-            return original(*args)
-        finally:
-            hook.pending.step = None
-
-    object.__setattr__(model, "train_step", train_step)
-    object.__setattr__(model, "_kerascool_two_step_wrapped", True)
+def _hand_over_the_batch(model, data, state):
+    """Around the model's train step: hand its batch and starting state to the hook."""
+    hook = _HOOKS.get(model)
+    if hook is None:
+        return contextlib.nullcontext()
+    return hook.stepping(data, _compat.step_start_mapping(model, state))
 
 
 class _SecondGradientHook(hook_lib.StepHook):
@@ -239,6 +223,15 @@ class _SecondGradientHook(hook_lib.StepHook):
         self.rule = rule
         # Per thread: MirroredStrategy traces each replica's step in its own thread.
         self.pending = threading.local()
+
+    @contextlib.contextmanager
+    def stepping(self, data, start: list):
+        """At trace time: the batch, and how the model looked when the step began."""
+        self.pending.step = (data, start)
+        try:
+            yield
+        finally:
+            self.pending.step = None
 
     def before_update(self, grads, variables, ctx):
         step = getattr(self.pending, "step", None)
