@@ -102,6 +102,38 @@ def test_sam_with_adam_is_adam_on_the_sam_gradient():
     assert int(model.optimizer.iterations) == 3
 
 
+@pytest.mark.parametrize("order", ["sam_first", "anneal_first"])
+def test_the_second_gradient_sees_the_annealed_loss_weight(order):
+    # loss = beta_t * mse with beta_t = 1 + t set per step by AnnealVariable. SAM's
+    # perturbation is normalized (beta cancels), its second gradient is beta_t times
+    # the mse gradient: a stale beta would show. Either order of setting them up.
+    x, y = regression_data(n=12, inputs=3)
+    model = linear_model()
+    model.beta = keras.Variable(1.0, trainable=False, name="beta")
+    compile_kwargs = dict(optimizer=keras.optimizers.SGD(LR), loss=lambda t, p: model.beta * ops.mean((t - p) ** 2))
+    params = [np.array(v, "float64") for v in model.trainable_variables]
+
+    def anneal():
+        return kerascool.AnnealVariable(model.beta, lambda t: 1.0 + t)
+
+    if order == "anneal_first":  # one plain step first: the annealing is set up before SAM
+        model.compile(**compile_kwargs)
+        model.fit(x[:4], y[:4], batch_size=4, epochs=1, verbose=0, callbacks=[anneal()])
+        params = [p - LR * 1.0 * g for p, g in zip(params, linear_grad(params, x[:4], y[:4]))]
+    model = kerascool.sam(model, rho=0.05)
+    model.compile(**compile_kwargs)
+    if order == "anneal_first":
+        model.optimizer.build(model.trainable_variables)
+    first = kerascool.real_steps(model)
+    model.fit(x[4:], y[4:], batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[anneal()])
+
+    for t, batch in enumerate((slice(4, 8), slice(8, 12)), start=first):
+        g = sam_grad(params, x[batch].astype("float64"), y[batch].astype("float64"), rho=0.05)
+        params = [p - LR * (1.0 + t) * gi for p, gi in zip(params, g)]
+    assert_close([np.array(v) for v in model.trainable_variables], params)
+    assert float(model.beta.numpy()) == 1.0 + first + 1
+
+
 def test_sam_trains_a_small_model_below_its_first_epoch_loss():
     x, y = regression_data(n=64, inputs=4)
     y = np.tanh(x[:, :1] * 1.5 - x[:, 1:2]).astype("float32")
