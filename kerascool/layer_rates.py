@@ -255,19 +255,19 @@ class LayerRates(hook_lib.StepHook):
 
     def after_update(self, variables, ctx):
         mult = self.multipliers.value
-        per_group: dict = {}
+        factors: dict = {}
         for v, old in zip(variables, ctx.old_values):
             g = self.slot_of.get(id(v))
             if g is None:
                 continue
-            if g not in per_group:
-                m = mult[g]
-                per_group[g] = (m, ops.equal(m, 0.0), ops.equal(m, 1.0))
-            m, is_zero, is_one = per_group[g]
             new = v.value
-            scaled = old + ops.cast(m, new.dtype) * (new - old)
-            # The two selects make m == 0 and m == 1 exact (no float round-off).
-            v.assign(ops.where(is_zero, old, ops.where(is_one, new, scaled)))
+            if (g, new.dtype) not in factors:
+                m = ops.cast(mult[g], new.dtype)
+                factors[(g, new.dtype)] = (m, ops.subtract(ops.cast(1, new.dtype), m))
+            m, rest = factors[(g, new.dtype)]
+            # m * new + (1 - m) * old: exactly `old` for m = 0 and exactly `new` for
+            # m = 1 (finite values), with no per-element select (slow on TF's CPU executor).
+            v.assign(ops.add(ops.multiply(m, new), ops.multiply(rest, old)))
 
 
 def layer_rates(

@@ -165,6 +165,17 @@ def test_per_step_warmup_multipliers_in_force_are_the_scheduled_ones():
         np.testing.assert_allclose(history.history[f"layer_rate/{name}"], want, rtol=1e-6)
 
 
+def test_multiplier_one_is_exactly_the_stock_step():
+    stock = chain()
+    ours = kerascool.layer_rates(chain(), verbose=False)  # depth groups, multiplier 1
+    ours.set_weights(stock.get_weights())
+    for model in (stock, ours):
+        model.compile(optimizer=keras.optimizers.AdamW(0.05, weight_decay=0.5), loss="mse")
+        fit(model, epochs=2)
+    for a, b in zip(weights_of(stock), weights_of(ours)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gradual_unfreezing_over_four_groups():
     model = kerascool.layer_rates(chain(4), verbose=False)  # depth groups d0..d3, multiplier 1
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
