@@ -453,16 +453,14 @@ def train_step_data(args: tuple):
     return args[0], None
 
 
-
 def fresh_train_step(model) -> None:
     """Give a wrapped `train_step` (an instance attribute) a new identity before a retrace.
 
     `jax.jit` caches traces by the identity of the function it compiles
     (weakly: the bound methods Keras passes are new objects each time, so
-    plain models always retrace). A wrapper kept as an instance attribute
-    (`add_step_work`) is the same object
-    in every `fit`, and jit would reuse the trace of an earlier `fit` made
-    with other hooks. A copy of the function (same code and closure) is a new
+    plain models always retrace). The wrapper that `add_step_work` keeps as
+    an instance attribute is the same object in every `fit`, and jit would
+    reuse the trace of an earlier `fit` made with other hooks. A copy of the function (same code and closure) is a new
     cache key. Checked with jax 0.10.2.
     """
     import types
