@@ -217,8 +217,11 @@ class SkipNonFinite(GradientTransformation):
         ctx.skip_unless(finite)
         self.skipped.assign_add(1 - ops.cast(finite, "int32"))
         ctx.log("skipped_steps", self.skipped.value)
-        # Zeros keep NaN out of whatever runs before the update is discarded.
-        return [None if g is None else ops.where(finite, g, ops.zeros_like(g)) for g in grads]
+        # Zeros keep NaN out of whatever runs before the update is discarded; a real
+        # branch rather than a per-element select, which costs a pass over every gradient.
+        present = [g for g in grads if g is not None]
+        chosen = iter(ops.cond(finite, lambda: list(present), lambda: [ops.zeros_like(g) for g in present]))
+        return [None if g is None else next(chosen) for g in grads]
 
 
 class Lambda(GradientTransformation):
