@@ -13,30 +13,15 @@ optimizer state per trained parameter (1.0 = one extra copy).
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from common import data, mlp, print_rows  # noqa: E402
+from common import EpochTimer, data, mlp, print_rows  # noqa: E402
 
 import kerascool  # noqa: E402
 from kerascool import hook  # noqa: E402
-
-
-class _Timer(keras.callbacks.Callback):
-    """Per-epoch wall and process CPU seconds (CPU time is steadier on a shared machine)."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = (time.perf_counter(), time.process_time())
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
 
 
 def _size(variables) -> int:
@@ -66,9 +51,9 @@ def main(quick: bool = False) -> list:
         for _ in range(runs):  # interleaved: stock, ema, builtin, stock, ...
             for name, make in contenders.items():
                 model, callbacks = make()
-                timer = _Timer()
+                timer = EpochTimer()
                 model.fit(x, y, batch_size=batch, epochs=2 if quick else 4, verbose=0, callbacks=callbacks + [timer])
-                samples[name] += timer.times[1:]  # the first epoch traces and compiles
+                samples[name] += list(zip(timer.times, timer.cpu_times))[1:]  # the first epoch traces
                 last[name] = model
         med = {name: statistics.median(t[0] for t in times) for name, times in samples.items()}
         cpu = {name: statistics.median(t[1] for t in times) for name, times in samples.items()}

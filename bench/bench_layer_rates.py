@@ -12,9 +12,7 @@ machine), and the number of traces of the decorated model's step.
 """
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,20 +37,6 @@ def transformer(vocab=1000, length=32, dim=64, heads=4, blocks=2, classes=10):
     return keras.Model(tokens, keras.layers.Dense(classes, name="head")(x), name="transformer")
 
 
-class CpuTimer(keras.callbacks.Callback):
-    """Process CPU seconds per epoch: less sensitive than wall time to other load on a shared machine."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t = time.process_time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.process_time() - self._t)
-
-
 def _bench(name, build, decorate, x, y, batch, quick, jit, callbacks=()):
     def make():
         keras.utils.set_random_seed(0)
@@ -67,15 +51,11 @@ def _bench(name, build, decorate, x, y, batch, quick, jit, callbacks=()):
         model.fit(x, y, batch_size=batch, verbose=0, **kw)
 
     runs = 2 if quick else 5
-    cpu = {"stock": CpuTimer(), "layer_rates": CpuTimer()}
+    cpu_med = {}
     med = interleaved(
-        {"stock": (stock, {"callbacks": [cpu["stock"]]}),
-         "layer_rates": (decorated, {"callbacks": list(callbacks) + [cpu["layer_rates"]]})},
-        fit, repeats=runs, epochs=2 if quick else 4,
+        {"stock": (stock, {}), "layer_rates": (decorated, {"callbacks": list(callbacks)})},
+        fit, repeats=runs, epochs=2 if quick else 4, cpu=cpu_med,
     )
-    epochs = 2 if quick else 4
-    # drop each fit's first epoch (tracing), as `interleaved` does for wall time
-    cpu_med = {k: statistics.median([t for i, t in enumerate(c.times) if i % epochs]) for k, c in cpu.items()}
     backend = keras.backend.backend()
     return {
         "bench": name,

@@ -20,15 +20,18 @@ import numpy as np  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
+    """Per-epoch wall seconds (`times`) and process CPU seconds (`cpu_times`, steadier on a shared machine)."""
+
     def __init__(self):
         super().__init__()
-        self.times = []
+        self.times, self.cpu_times = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._t = time.perf_counter()
+        self._t = (time.perf_counter(), time.process_time())
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(time.perf_counter() - self._t[0])
+        self.cpu_times.append(time.process_time() - self._t[1])
 
 
 def mlp(params_million: float = 1.0, inputs: int = 256, width: int = 512):
@@ -40,15 +43,22 @@ def mlp(params_million: float = 1.0, inputs: int = 256, width: int = 512):
     return keras.Sequential(layers, name="mlp")
 
 
-def interleaved(contenders: dict, make_fit, repeats: int = 5, epochs: int = 4) -> dict:
-    """contenders: name -> (model, fit_kwargs). Returns name -> median epoch seconds."""
+def interleaved(contenders: dict, make_fit, repeats: int = 5, epochs: int = 4, cpu: dict = None) -> dict:
+    """contenders: name -> (model, fit_kwargs). Returns name -> median epoch seconds.
+
+    With `cpu` (a dict), also fills it with name -> median epoch CPU seconds.
+    """
     samples = {name: [] for name in contenders}
+    cpu_samples = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, (model, kwargs) in contenders.items():
             timer = EpochTimer()
             callbacks = list(kwargs.get("callbacks", [])) + [timer]
             make_fit(model, epochs=epochs, **{**kwargs, "callbacks": callbacks})
             samples[name] += timer.times[1:]
+            cpu_samples[name] += timer.cpu_times[1:]
+    if cpu is not None:
+        cpu.update({name: statistics.median(ts) for name, ts in cpu_samples.items()})
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 

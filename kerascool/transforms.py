@@ -67,8 +67,13 @@ class GradientTransformation:
         return {}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
+        return config_repr(self)
+
+
+def config_repr(obj) -> str:
+    """``Name(arg=value, ...)`` from ``obj.get_config()``."""
+    args = ", ".join(f"{k}={v!r}" for k, v in obj.get_config().items())
+    return f"{type(obj).__name__}({args})"
 
 
 class ClipByNorm(GradientTransformation):

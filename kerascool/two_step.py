@@ -44,7 +44,7 @@ from keras import ops
 
 from kerascool import _compat
 from kerascool import hook as hook_lib
-from kerascool.transforms import global_norm
+from kerascool.transforms import config_repr, global_norm
 
 # First of all hooks: accumulation and transforms must see the final gradient.
 SECOND_GRADIENT = hook_lib.ACCUMULATE - 5
@@ -67,8 +67,7 @@ class TwoGradientRule:
         return {}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
+        return config_repr(self)
 
 
 class SharpnessAware(TwoGradientRule):
