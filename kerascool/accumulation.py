@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 
 
@@ -87,7 +87,7 @@ class _AccumulateHook(hook_lib.StepHook):
         self.micro = None
 
     def check(self, model, variables):
-        optimizer = _compat.inner_optimizer(model.optimizer)
+        optimizer = _keras.inner_optimizer(model.optimizer)
         builtin = getattr(optimizer, "gradient_accumulation_steps", None)
         if builtin:
             raise ValueError(
@@ -127,7 +127,7 @@ class _AccumulateHook(hook_lib.StepHook):
         # The sums restart after an update (micro was just reset to 0). A real branch where
         # possible: a micro-step then only adds its gradient, as Keras's own accumulation does.
         update = ops.equal(self.micro.value, 0)
-        if not _compat.apply_if(update, self._reset, self.sums):
+        if not _keras.apply_if(update, self._reset, self.sums):
             for total in self.sums:
                 total.assign(ops.where(update, ops.zeros_like(total.value), total.value))
 

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 from kerascool.schedules import PiecewiseLinear
 
@@ -152,7 +152,7 @@ class AnnealVariable(hook_lib.HookCallback):
         # step, and on JAX its (possibly weakly typed) initial value gets the type the step
         # writes, so that the first step is not traced twice.
         self.variable.assign(self._eager_value(registry.steps.value))
-        _compat.add_step_work(self.model, self._step_work_name, _compat.StepWork(before=self._set_for_step))
+        _keras.add_step_work(self.model, self._step_work_name, _keras.StepWork(before=self._set_for_step))
         super().on_train_begin(logs)
 
     def _set_for_step(self, model) -> None:
@@ -164,7 +164,7 @@ class AnnealVariable(hook_lib.HookCallback):
     def on_train_end(self, logs=None) -> None:
         if self.per == "epoch":
             return
-        _compat.remove_step_work(self.model, self._step_work_name)
+        _keras.remove_step_work(self.model, self._step_work_name)
         super().on_train_end(logs)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:

@@ -19,7 +19,7 @@ so checkpoints and `BackupAndRestore` hold them; the `WeightSwap` over them
 Non-trainable variables (BatchNorm statistics, opt-in) are averaged at the end
 of the train step, after the forward pass has updated them: inside JAX's
 ``stateless_apply`` they are not readable, so the step's move (``keep`` and
-``active``) is recorded and applied to them after the train step (`_compat.add_step_work`).
+``active``) is recorded and applied to them after the train step (`_keras.add_step_work`).
 
 >>> import keras
 >>> round(float(blend(keras.ops.ones(()), keras.ops.zeros(()), 0.9)), 6)
@@ -32,7 +32,7 @@ from typing import Optional
 
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 from kerascool.swap import SwapCallbackMixin, WeightSwap
 
@@ -106,7 +106,7 @@ class AveragingHook(hook_lib.StepHook):
             self.extra_shadows = [state.like(v, f"nt{i}") for i, v in enumerate(self.extra_variables)]
             self.last_keep = state.variable("last_keep", (), "float32")
             self.last_active = state.variable("last_active", (), "float32")
-            _compat.add_step_work(model, "kerascool_averages", _compat.StepWork(after=_average_non_trainables))
+            _keras.add_step_work(model, "kerascool_averages", _keras.StepWork(after=_average_non_trainables))
             pairs += list(zip(self.extra_variables, self.extra_shadows))
         self.swap = WeightSwap(model, pairs, name=self.name)
 
@@ -128,7 +128,7 @@ class AveragingHook(hook_lib.StepHook):
                 shadow.assign(new)
                 if self.write_back:
                     # A copy: on JAX two outputs sharing one buffer break the next donation.
-                    fast = _compat.snapshot(new)
+                    fast = _keras.snapshot(new)
                     var.assign(fast if active is True else ops.where(active, fast, var.value))
         if self.include_non_trainable:
             self.last_keep.assign(ops.cast(keep, "float32"))
@@ -144,7 +144,7 @@ class AveragingHook(hook_lib.StepHook):
 
     def average_now(self, keep) -> None:
         """Move every shadow once, eagerly (between steps: SWA per epoch)."""
-        _compat.sync_state(self.swap.model)
+        _keras.sync_state(self.swap.model)
         factors: dict = {}
         for var, shadow in self.swap.pairs:
             shadow.assign(blend(shadow.value, var.value, keep, factors))

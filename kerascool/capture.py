@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool.selection import Selection, find_layers
 
 _ACTIVE: list = []  # installed captures that record capture points, innermost last
@@ -69,7 +69,7 @@ def capture(name: str, tensor: Any) -> Any:
     if not isinstance(name, str) or not name:
         raise TypeError(f"Invalid value for argument `name`. Expected a non-empty string. Received: name={name!r}")
     if _ACTIVE:
-        scope = _compat.current_path()
+        scope = _keras.current_path()
         _ACTIVE[-1]._record(f"{scope}/{name}" if scope else name, tensor)
     return tensor
 
@@ -136,7 +136,7 @@ class Capture:
             for layer in self.output_layers:
                 self._patch(layer, "call", self._wrap_call)
             for layer in self.attention_layers:
-                self._patch(layer, _compat.ATTENTION_METHOD, self._wrap_attention)
+                self._patch(layer, _keras.ATTENTION_METHOD, self._wrap_attention)
             if self.points:
                 _ACTIVE.append(self)
         except BaseException:
@@ -242,7 +242,7 @@ def _choose(model, selection: Selection, what: str) -> list:
     if not callable(selection):
         # A string pattern also matches a chosen layer's sublayers (their paths
         # contain its path): keep the outermost ones.
-        inner = {id(sub) for layer in chosen for sub in _compat.flatten_layers(layer)}
+        inner = {id(sub) for layer in chosen for sub in _keras.flatten_layers(layer)}
         chosen = [layer for layer in chosen if id(layer) not in inner]
     if not chosen:
         raise ValueError(f"`{what}`={selection!r} matches only input layers of model {model.name!r}.")
@@ -253,7 +253,7 @@ def _choose_attention(model, attention) -> list:
     if attention is False or attention is None:
         return []
     if attention is True:
-        candidates = _compat.flatten_layers(model)
+        candidates = _keras.flatten_layers(model)
     else:
         # No outermost filter here: "block_0" means the attention layers inside block_0.
         candidates = find_layers(model, attention, "attention")
@@ -264,12 +264,12 @@ def _choose_attention(model, attention) -> list:
             f"{model.name!r}. Choose attention layers, or record other layers' outputs with `layers`."
         )
     for layer in chosen:
-        if not _compat.can_return_attention_scores(layer):
+        if not _keras.can_return_attention_scores(layer):
             raise ValueError(
                 f"Cannot capture attention scores of layer {layer_path(layer)!r}: its `_compute_attention` has no "
                 f"`return_attention_scores` argument. Leave it out with `attention=<pattern>` or attention=False."
             )
-        if _compat.uses_flash_attention(layer):
+        if _keras.uses_flash_attention(layer):
             raise ValueError(
                 f"Cannot capture attention scores of layer {layer_path(layer)!r}: it uses flash attention, "
                 f"which never forms the scores. Build it with `flash_attention=False` or leave it out of `attention`."

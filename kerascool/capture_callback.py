@@ -53,7 +53,7 @@ from typing import Any, Optional, Union
 import keras
 import numpy as np
 
-from kerascool import _compat, heatmaps
+from kerascool import _keras, heatmaps
 from kerascool.capture import Capture, layer_path, to_numpy
 from kerascool.selection import Selection
 
@@ -137,7 +137,7 @@ class CaptureCallback(keras.callbacks.Callback):
         # spec of fit's first training batch, just before the first step runs
         # (installed here, after every callback's on_train_begin has retraced).
         if not self._checked and self._probe is None and self._undo_spy is None:
-            self._undo_spy = _compat.before_first_train_step(
+            self._undo_spy = _keras.before_first_train_step(
                 self.model, lambda x, values: self._check_symbolically(self.model, x, values)
             )
 
@@ -214,7 +214,7 @@ class CaptureCallback(keras.callbacks.Callback):
             _check_probe_shapes(model, self._probe, "probe")
             self._run(model, self._probe, "probe")  # a dry run: raises on misuse
             return
-        inputs = _compat.symbolic_inputs(model)
+        inputs = _keras.symbolic_inputs(model)
         if inputs is not None:
             self._check_symbolically(model, inputs)
         # else a subclassed model: checked on the spec of fit's first training
@@ -229,7 +229,7 @@ class CaptureCallback(keras.callbacks.Callback):
         capture.symbolic = True
         try:
             with capture:
-                _compat.trace_shapes(model, inputs, values)
+                _keras.trace_shapes(model, inputs, values)
         except Exception:  # noqa: BLE001 - a model that cannot trace on placeholders is checked later
             return
         finally:
@@ -251,7 +251,7 @@ class CaptureCallback(keras.callbacks.Callback):
             self._check_called(self._capture, list(tensors))
         else:
             if self._forward is None:
-                self._forward = _compat.compiled_forward(model, self._trace)
+                self._forward = _keras.compiled_forward(model, self._trace)
             tensors = self._forward(x)
         return {key: to_numpy(value) for key, value in tensors.items()}
 
@@ -346,7 +346,7 @@ def _standardize_probe(probe, what: str = "probe"):
 
 def _check_probe_shapes(model, probe, what: str) -> None:
     """Compare with the model's declared inputs (functional, Sequential) for a clear message."""
-    inputs = _compat.symbolic_inputs(model)
+    inputs = _keras.symbolic_inputs(model)
     if inputs is None:
         return
     # Leaves in order (dicts by sorted key), as Keras matches them: [x] and x are the same.
@@ -368,7 +368,7 @@ def _shapes(x):
 
 
 def _first_samples(model, k: int):
-    batches = _compat.validation_batches(model)
+    batches = _keras.validation_batches(model)
     if batches is None:
         raise ValueError(
             f"CaptureCallback(probe={k}) takes the first {k} validation samples, but fit has no validation data. "

@@ -27,7 +27,7 @@ Every kerascool hook runs this check when it is installed.
 
 from __future__ import annotations
 
-from kerascool import _compat
+from kerascool import _keras
 
 _JAX_PATH = (
     "To train on several processes or machines, use the JAX backend: in each process call "
@@ -47,7 +47,7 @@ def check_supported(model) -> None:
             ``MirroredStrategy`` with several replicas and
             ``steps_per_execution > 1`` or ``jit_compile=True``.
     """
-    kind, replicas = _compat.tf_strategy_kind(model)
+    kind, replicas = _keras.tf_strategy_kind(model)
     if kind == "multi_worker":
         raise ValueError(
             "kerascool cannot train under tf.distribute.MultiWorkerMirroredStrategy: Keras 3 `fit` itself "

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import keras
 from keras import ops
 
-from kerascool import _compat, distribution
+from kerascool import _keras, distribution
 
 # Conventional orders; hooks run by ascending order in each phase.
 ACCUMULATE = 10  # before: gradient accumulation collects micro-batches first
@@ -51,7 +51,7 @@ class StepContext:
     def __init__(self, registry: "HookRegistry", variables: list):
         self.registry = registry
         self.variables = variables
-        self.step = _compat.snapshot(registry.steps.value)  # real updates so far
+        self.step = _keras.snapshot(registry.steps.value)  # real updates so far
         self.applied = None  # None: always applied; else a bool tensor
         self.old_values: Optional[list] = None  # weights before the update
 
@@ -86,7 +86,7 @@ class HookState:
         var = self._registry._add_variable(
             f"{self._prefix}_{name}", reference.shape, reference.dtype, "zeros"
         )
-        var.assign(_compat.snapshot(reference.value))
+        var.assign(_keras.snapshot(reference.value))
         return var
 
 
@@ -175,21 +175,21 @@ class HookRegistry:
         model = self.model
         # Engines where stock fit fails raise here, before anything is created.
         distribution.check_supported(model)
-        optimizer = _compat.inner_optimizer(model.optimizer)
+        optimizer = _keras.inner_optimizer(model.optimizer)
         variables = list(model.trainable_variables)
         for hook in hooks:
             hook.check(model, variables)
         if optimizer is not self.optimizer:
             self.optimizer, self.steps = optimizer, None
             self._built, self._state_ids = set(), set()
-        with _compat.strategy_scope(model):
+        with _keras.strategy_scope(model):
             if not optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             if self.steps is None:
                 self.steps = self._add_variable("kerascool_steps", (), "int32", "zeros")
             if not getattr(optimizer.apply, "_kerascool", False):
                 optimizer.apply = _make_hooked_apply(self, optimizer.apply)
-            variables = _compat.trainable_variables_of(optimizer)
+            variables = _keras.trainable_variables_of(optimizer)
             for hook in hooks:
                 if id(hook) not in self._built:
                     hook.build(model, variables, HookState(self, f"kerascool_{hook.name}"))
@@ -216,8 +216,8 @@ class HookRegistry:
                 registry.prepare(registry.hooks)
             if force or model.train_function is None:
                 # JAX caches traces by function identity: a persistent train_step
-                # wrapper (`_compat.add_step_work`) would bring back an older trace.
-                _compat.fresh_train_step(model)
+                # wrapper (`_keras.add_step_work`) would bring back an older trace.
+                _keras.fresh_train_step(model)
             return original_make(force=force)
 
         def compute_metrics(*args, **kwargs):
@@ -246,9 +246,9 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
         variables = (
             list(trainable_variables)
             if trainable_variables is not None
-            else _compat.trainable_variables_of(optimizer)
+            else _keras.trainable_variables_of(optimizer)
         )
-        grads = [_compat.densify(g) for g in grads]
+        grads = [_keras.densify(g) for g in grads]
         registry._pending.logs = {}
         ctx = StepContext(registry, variables)
 
@@ -256,9 +256,9 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
         scale = optimizer.loss_scale_factor
         if scale is not None:
             grads = [None if g is None else g / scale for g in grads]
-        replicas = _compat.replica_count()
+        replicas = _keras.replica_count()
         if replicas > 1:
-            grads = _compat.all_reduce_sum(grads)
+            grads = _keras.all_reduce_sum(grads)
         for hook in hooks:
             grads = hook.before_update(grads, variables, ctx)
         if replicas > 1:
@@ -267,9 +267,9 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
             grads = [None if g is None else g * scale for g in grads]
 
         if any(h.needs_old_values for h in hooks):
-            ctx.old_values = [_compat.snapshot(v.value) for v in variables]
+            ctx.old_values = [_keras.snapshot(v.value) for v in variables]
         # Keras's own gradient_accumulation_steps: only every k-th apply updates.
-        keras_update = _compat.accumulation_update_flag(optimizer)
+        keras_update = _keras.accumulation_update_flag(optimizer)
         if ctx.applied is None:
             result = original(grads, trainable_variables)
         else:
@@ -277,10 +277,10 @@ def _make_hooked_apply(registry: HookRegistry, original: Callable) -> Callable:
             own = [v for v in optimizer.variables if id(v) not in registry._state_ids]
             result = None
             # A real branch where possible: a vetoed step (accumulation micro-step) then costs nothing.
-            if not _compat.apply_if(ctx.applied, lambda: original(grads, trainable_variables), list(variables) + own):
+            if not _keras.apply_if(ctx.applied, lambda: original(grads, trainable_variables), list(variables) + own):
                 if ctx.old_values is None:
-                    ctx.old_values = [_compat.snapshot(v.value) for v in variables]
-                old_own = [_compat.snapshot(v.value) for v in own]
+                    ctx.old_values = [_keras.snapshot(v.value) for v in variables]
+                old_own = [_keras.snapshot(v.value) for v in own]
                 result = original(grads, trainable_variables)
                 for v, old in zip(list(variables) + own, ctx.old_values + old_own):
                     v.assign(ops.where(ctx.applied, v.value, old))
@@ -316,8 +316,8 @@ def real_steps(model) -> int:
     registry = _REGISTRIES.get(model)
     if registry is None or registry.steps is None:
         return 0
-    _compat.sync_state(model)
-    return int(_compat.host_copy(registry.steps))
+    _keras.sync_state(model)
+    return int(_keras.host_copy(registry.steps))
 
 
 class HookCallback(keras.callbacks.Callback):

@@ -59,7 +59,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 from kerascool.selection import Selection, describe, segment_patterns, select_variables
 
@@ -136,7 +136,7 @@ def _selection_groups(variables: list, selections: Sequence, what: str) -> list:
 def _depth_groups(model, variables: list) -> list:
     """One group per top-level layer (or per Keras depth in a functional model)."""
     index = {id(v): j for j, v in enumerate(variables)}
-    depths = _compat.layer_depths(model)
+    depths = _keras.layer_depths(model)
     groups: list = []
     slot_of_depth: dict = {}
     taken: set = set()
@@ -232,7 +232,7 @@ class LayerRates(hook_lib.StepHook):
 
     # -- StepHook ---------------------------------------------------------------
     def check(self, model, variables):
-        optimizer = _compat.inner_optimizer(model.optimizer)
+        optimizer = _keras.inner_optimizer(model.optimizer)
         if getattr(optimizer, "use_ema", False):
             raise ValueError(
                 "kerascool.layer_rates cannot be used with an optimizer built with `use_ema=True`: the optimizer "
@@ -363,11 +363,11 @@ def current_layer_rates(model) -> dict:
     hook = layer_rates_of(model)
     optimizer = getattr(model, "optimizer", None)
     current = optimizer is not None and any(
-        v is hook.multipliers for v in _compat.inner_optimizer(optimizer).variables
+        v is hook.multipliers for v in _keras.inner_optimizer(optimizer).variables
     )
     if not current:  # not built yet, or re-compiled: the next fit starts from the decorated values
         return dict(zip(hook.group_names, hook.base))
-    _compat.sync_state(model)
+    _keras.sync_state(model)
     values = ops.convert_to_numpy(hook.multipliers.value).tolist()
     return dict(zip(hook.group_names, [float(v) for v in values]))
 

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 
 _SUGGEST = ("valley", "steepest", "minimum")
 DEFAULT_PLOT = os.path.join("kerascool_out", "lr_finder.png")
@@ -191,13 +191,13 @@ class _Sweep(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # Here fit has built the model and the optimizer, and not yet traced the step.
         model = self.model
-        self.snapshot = [(v, _compat.host_copy(v)) for v in _state_variables(model)]
-        optimizer = _compat.inner_optimizer(model.optimizer)
+        self.snapshot = [(v, _keras.host_copy(v)) for v in _state_variables(model)]
+        optimizer = _keras.inner_optimizer(model.optimizer)
         every = getattr(optimizer, "gradient_accumulation_steps", None) or 1
         self.schedule = _ExponentialSweep(
-            self.start_lr, self.end_lr, self.num_steps, _compat.raw_iterations(optimizer), every
+            self.start_lr, self.end_lr, self.num_steps, _keras.raw_iterations(optimizer), every
         )
-        self.previous_rate = _compat.swap_learning_rate(optimizer, self.schedule)
+        self.previous_rate = _keras.swap_learning_rate(optimizer, self.schedule)
 
     def on_epoch_end(self, epoch, logs=None):
         loss = float((logs or {}).get("loss", float("nan")))
@@ -218,7 +218,7 @@ class _Sweep(keras.callbacks.Callback):
     def restore(self):
         model = self.model
         if self.previous_rate is not None:
-            _compat.swap_learning_rate(_compat.inner_optimizer(model.optimizer), self.previous_rate)
+            _keras.swap_learning_rate(_keras.inner_optimizer(model.optimizer), self.previous_rate)
         if self.snapshot is not None:
             for variable, value in self.snapshot:
                 variable.assign(value)

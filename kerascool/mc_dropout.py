@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from kerascool import _compat
+from kerascool import _keras
 
 DROPOUT_LAYERS = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 
@@ -67,7 +67,7 @@ def mc_dropout_predict(model, x, num_samples: int = 30, batch_size: Optional[int
         raise ValueError(
             f"Invalid value for argument `num_samples`. Expected an integer >= 2. Received: num_samples={num_samples!r}"
         )
-    layers = [layer for layer in _compat.flatten_layers(model) if isinstance(layer, DROPOUT_LAYERS)]
+    layers = [layer for layer in _keras.flatten_layers(model) if isinstance(layer, DROPOUT_LAYERS)]
     if not layers:
         raise ValueError(
             f"mc_dropout_predict: model {model.name!r} has no dropout layer (keras.layers.Dropout, "

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 
 _MODES = ("max", "min")
@@ -196,7 +196,7 @@ class PythonMetric(keras.callbacks.Callback):
                 logs[self.name] = value
             if self._improved(value):
                 self.best, self.best_epoch = value, epoch
-                _compat.sync_state(self.model)
+                _keras.sync_state(self.model)
                 self.best_weights = [np.array(w, copy=True) for w in self.model.get_weights()]
                 if self.filepath is not None:
                     values = {**(logs or {}), self.name: value}

@@ -7,7 +7,7 @@ in History, averaged over the steps of the epoch. That works on TF as it is,
 but on JAX the forward pass runs inside ``jax.value_and_grad`` under
 ``stateless_call``, where a metric's variables are not part of the mapped
 state: Keras 3.15 fails there. `ScalarMetric.log` takes the update out of the
-forward pass (`kerascool._compat.defer_metric_update`) and applies it to the
+forward pass (`kerascool._keras.defer_metric_update`) and applies it to the
 step's metric state right after the loss, still inside the compiled step, so
 the same layer code works on both backends.
 
@@ -37,7 +37,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 
 
 class ScalarMetric(keras.metrics.Mean):
@@ -66,5 +66,5 @@ class ScalarMetric(keras.metrics.Mean):
                 f"{tuple(value.shape)}: reduce it first, e.g. `keras.ops.mean(x)`."
             )
         value = ops.stop_gradient(ops.cast(ops.reshape(value, ()), self.dtype))
-        if not _compat.defer_metric_update(self, value):
+        if not _keras.defer_metric_update(self, value):
             self.update_state(value)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence, Union
 
-from kerascool import _compat
+from kerascool import _keras
 
 Selection = Union[None, str, Sequence[str], Callable]
 
@@ -84,7 +84,7 @@ def owner_layers(model) -> dict[int, object]:
     """id(variable) -> the innermost layer that owns it."""
     owners: dict[int, object] = {}
     sizes: dict[int, int] = {}
-    for layer in _compat.flatten_layers(model):
+    for layer in _keras.flatten_layers(model):
         n = len(layer.weights)
         for v in layer.weights:
             if id(v) not in sizes or n < sizes[id(v)]:
@@ -99,7 +99,7 @@ def find_layers(model, selection: Selection, what: str = "layers") -> list:
     path (e.g. ``"model/encoder/block_0/attention"``), as for variables; a
     callable is ``fn(layer) -> bool``.
     """
-    layers = _compat.flatten_layers(model)
+    layers = _keras.flatten_layers(model)
     if selection is None:
         return layers
     if isinstance(selection, str):

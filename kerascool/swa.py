@@ -21,7 +21,7 @@ from typing import Optional
 
 from keras import layers, ops
 
-from kerascool import _compat, averaging, swap
+from kerascool import _keras, averaging, swap
 
 _UNITS = ("epoch", "step")
 
@@ -81,8 +81,8 @@ class SWA(averaging.AveragingCallback):
         hook = self._hook
         if hook.swap is None:
             return 0
-        _compat.sync_state(hook.swap.model)
-        return int(_compat.host_copy(hook.models))
+        _keras.sync_state(hook.swap.model)
+        return int(_keras.host_copy(hook.models))
 
     def _swap_ready(self) -> bool:
         return self.averaged_count() > 0
@@ -111,15 +111,15 @@ class SWA(averaging.AveragingCallback):
 
     def _take_pending_epoch(self) -> None:
         hook = self._hook
-        _compat.sync_state(hook.swap.model)
-        if not int(_compat.host_copy(hook.pending)):
+        _keras.sync_state(hook.swap.model)
+        if not int(_keras.host_copy(hook.pending)):
             return
         hook.pending.assign(0)
-        epochs = int(_compat.host_copy(hook.epochs)) + 1
+        epochs = int(_keras.host_copy(hook.epochs)) + 1
         hook.epochs.assign(epochs)
         since = epochs - self.start
         if since > 0 and since % self.every == 0:
-            m = int(_compat.host_copy(hook.models))
+            m = int(_keras.host_copy(hook.models))
             hook.average_now(m / (m + 1.0))
             hook.models.assign(m + 1)
 
@@ -186,7 +186,7 @@ def update_bn(model, x, batch_size: int = 32, steps: Optional[int] = None) -> No
     >>> [round(float(v), 3) for v in keras.ops.convert_to_numpy(bn.moving_mean)]
     [1.0, 2.0]
     """
-    norms = [layer for layer in _compat.flatten_layers(model) if isinstance(layer, layers.BatchNormalization)]
+    norms = [layer for layer in _keras.flatten_layers(model) if isinstance(layer, layers.BatchNormalization)]
     if not norms:
         return
     for layer in norms:
@@ -194,7 +194,7 @@ def update_bn(model, x, batch_size: int = 32, steps: Optional[int] = None) -> No
             raise ValueError(f"update_bn does not support BatchNormalization with renorm=True (layer {layer.name!r}).")
     if steps is not None:
         averaging.check_int("steps", steps, 1)
-    _compat.sync_state(model)
+    _keras.sync_state(model)
     swap.protect(model, [v for layer in norms for v in (layer.moving_mean, layer.moving_variance)])
     momenta = [layer.momentum for layer in norms]
     try:

@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import keras
 
-from kerascool import _compat
+from kerascool import _keras
 
 _GUARDED = ("evaluate", "predict", "save", "save_weights")
 
@@ -113,7 +113,7 @@ class _ModelSwaps:
         if swap in self.active:
             return False
         # JAX: the trainer may hold newer values than the variables; write them back first.
-        _compat.sync_state(self.model)
+        _keras.sync_state(self.model)
         self._keep([var for var, _ in swap.pairs])
         self.active.append(swap)
         try:
@@ -126,7 +126,7 @@ class _ModelSwaps:
     def leave(self, swap: WeightSwap) -> bool:
         if swap not in self.active:
             return False
-        _compat.sync_state(self.model)
+        _keras.sync_state(self.model)
         remaining = [other for other in self.active if other is not swap]
         for var, value in self._backup.values():
             var.assign(value)
@@ -146,18 +146,18 @@ class _ModelSwaps:
         swap is active.
         """
         if self.active:
-            _compat.sync_state(self.model)
+            _keras.sync_state(self.model)
             self._keep(variables)
 
     def _keep(self, variables: Sequence) -> None:
         for var in variables:
             if id(var) not in self._backup:
-                self._backup[id(var)] = (var, _compat.host_copy(var))
+                self._backup[id(var)] = (var, _keras.host_copy(var))
 
     def _show(self, swap: WeightSwap) -> None:
         for var, shadow in swap.pairs:
             # A real copy: on JAX two variables sharing one buffer break the next donation.
-            var.assign(_compat.snapshot(shadow.value))
+            var.assign(_keras.snapshot(shadow.value))
 
     def _restore_new(self, before: list) -> None:
         for swap in reversed(list(self.active)):
@@ -173,7 +173,7 @@ class _ModelSwaps:
 
             def guarded(*args, **kwargs):
                 before, outer = list(swaps.active), (swaps.fit_validation, swaps.extra_validations)
-                swaps.fit_validation, swaps.extra_validations = _compat.is_fit_validation(kwargs), []
+                swaps.fit_validation, swaps.extra_validations = _keras.is_fit_validation(kwargs), []
                 try:
                     logs = original(*args, **kwargs)
                     extra, swaps.extra_validations = swaps.extra_validations, []
@@ -347,7 +347,7 @@ class SwapCallbackMixin:
             return
         swaps = swaps_of(swap.model)
         swap.swap_out()
-        _compat.sync_state(swap.model)
+        _keras.sync_state(swap.model)
         swaps._show(swap)
 
     def _require_swap(self) -> WeightSwap:

@@ -42,7 +42,7 @@ import weakref
 import keras
 from keras import ops
 
-from kerascool import _compat
+from kerascool import _keras
 from kerascool import hook as hook_lib
 from kerascool.transforms import config_repr, global_norm
 
@@ -180,7 +180,7 @@ def stock_step(model: keras.Model) -> keras.Model:
     hook = _HOOKS.pop(model, None)
     if hook is not None:
         hook_lib.registry_for(model).detach(hook)
-        _compat.remove_step_work(model, "two_step")
+        _keras.remove_step_work(model, "two_step")
         model.train_function = None
     return model
 
@@ -193,13 +193,13 @@ _HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _install(model, rule: TwoGradientRule):
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a keras.Model to decorate. Received: model={model!r}")
-    if _compat.backend() not in ("tensorflow", "jax"):
+    if _keras.backend() not in ("tensorflow", "jax"):
         raise ValueError(
-            f"Two-gradient steps support the TensorFlow and JAX backends. Received backend: {_compat.backend()!r}"
+            f"Two-gradient steps support the TensorFlow and JAX backends. Received backend: {_keras.backend()!r}"
         )
     stock_step(model)
     hook = _SecondGradientHook(rule)
-    _compat.add_step_work(model, "two_step", _compat.StepWork(around=_hand_over_the_batch))
+    _keras.add_step_work(model, "two_step", _keras.StepWork(around=_hand_over_the_batch))
     _HOOKS[model] = hook
     hook_lib.registry_for(model).attach(hook)
     model.train_function = None  # the next fit traces the new step
@@ -211,7 +211,7 @@ def _hand_over_the_batch(model, data, state):
     hook = _HOOKS.get(model)
     if hook is None:
         return contextlib.nullcontext()
-    return hook.stepping(data, _compat.step_start_mapping(model, state))
+    return hook.stepping(data, _keras.step_start_mapping(model, state))
 
 
 class _SecondGradientHook(hook_lib.StepHook):
@@ -253,15 +253,15 @@ class _SecondGradientHook(hook_lib.StepHook):
             mapping = start + list(zip(variables, values))
             # Whatever the forward pass writes (BatchNorm statistics, seeds, metrics) stays in the scope.
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
-                loss = _compat.training_loss(model, x, y, sample_weight)
+                loss = _keras.training_loss(model, x, y, sample_weight)
                 return ops.cast(optimizer.scale_loss(loss), "float32")
 
         def gradient_at(values):
-            _, second = _compat.value_and_grad(scaled_loss, values)
+            _, second = _keras.value_and_grad(scaled_loss, values)
             second = [None if g is None else g / ops.cast(scale, g.dtype) for g in second]
-            if _compat.replica_count() > 1:
+            if _keras.replica_count() > 1:
                 # The hooks see replica-summed gradients (see hook.py); so must this one.
-                second = _compat.all_reduce_sum(second)
+                second = _keras.all_reduce_sum(second)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 # The scale was checked on the first gradient only; the uphill point may overflow.
                 present = [g for g in second if g is not None]

@@ -338,7 +338,7 @@ class Run:
         variables = model.optimizer.variables
         # Names without the optimizer's own (counted) prefix: "adam_1/kerascool_steps" -> "kerascool_steps".
         self.state_names = [v.name for v in variables]
-        # Read through the Keras variable (runs in the strategy's scope: see _compat.host_copy).
+        # Read through the Keras variable (runs in the strategy's scope: see _keras.host_copy).
         self.state = [np.array(ops.convert_to_numpy(v)) for v in variables]
         self.real_steps = kerascool.real_steps(model)
         self.history = {k: [float(x) for x in v] for k, v in history.history.items()} if history else {}
