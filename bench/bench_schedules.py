@@ -20,7 +20,7 @@ from common import data, interleaved, mlp, print_rows  # noqa: E402
 from keras import ops  # noqa: E402
 
 import kerascool  # noqa: E402
-from kerascool import hook  # noqa: E402
+from kerascool import _core  # noqa: E402
 
 
 def main(quick: bool = False) -> list:
@@ -56,7 +56,7 @@ def main(quick: bool = False) -> list:
          "feature_s": med["one_cycle"], "ratio": med["one_cycle"] / med["stock"], "traces_per_fit": "n/a (no hook)"},
         {"bench": "AnnealVariable per step (loss weight)", "backend": backend, "stock_s": med["stock"],
          "feature_s": med["anneal"], "ratio": med["anneal"] / med["stock"],
-         "traces_per_fit": hook.registry_for(annealed).trace_count / repeats},
+         "traces_per_fit": _core.installation_of(annealed).trace_count / repeats},
     ]
 
 

@@ -21,7 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kerascool  # noqa: E402
-from kerascool.hook import registry_for  # noqa: E402
+from kerascool._core import installation_of as registry_for  # noqa: E402
 
 
 def body():

@@ -10,7 +10,7 @@ from kerascool.capture import Capture, capture
 from kerascool.capture_callback import CaptureCallback
 from kerascool.ema import EMA
 from kerascool.gradient_transform import GradientTransform
-from kerascool.hook import real_steps
+from kerascool._core import installed, real_steps, uninstall
 from kerascool.layer_rate_scheduler import LayerRateScheduler
 from kerascool.layer_rates import current_layer_rates, layer_rate_table, layer_rates
 from kerascool.lookahead import Lookahead
@@ -83,6 +83,8 @@ __all__ = [
     "PythonMetric",
     "ScalarMetric",
     "mc_dropout_predict",
-    # the step hook
+    # the installation on a model
+    "installed",
+    "uninstall",
     "real_steps",
 ]

@@ -28,7 +28,7 @@ Conventions (why they matter: schedules and averages must see the big batch):
   run too (their result is discarded with the vetoed update), so a transform
   that keeps statistics of its own sees the partial means as well.
 - Cost: a micro-step adds its gradient to the sums and skips the optimizer
-  (a real branch, see `kerascool.hook`); Keras's own accumulation computes
+  (a real branch, see `kerascool._core`); Keras's own accumulation computes
   the update on every micro-step on JAX and selects it afterwards.
 """
 
@@ -36,11 +36,10 @@ from __future__ import annotations
 
 from keras import ops
 
-from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core, _keras
 
 
-class GradientAccumulation(hook_lib.HookCallback):
+class GradientAccumulation(_core.HookCallback):
     """Update the model once every `steps` batches, with their mean gradient.
 
     Works with any stock optimizer and composes with the other kerascool
@@ -77,14 +76,15 @@ class GradientAccumulation(hook_lib.HookCallback):
         return {"steps": self.steps}
 
 
-class _AccumulateHook(hook_lib.StepHook):
-    order = hook_lib.ACCUMULATE
+class _AccumulateHook(_core.StepHook):
+    stage = "accumulate"
     name = "accumulate"
 
     def __init__(self, steps: int):
         self.steps = steps
-        self.sums: list = []
-        self.micro = None
+
+    def layout(self, model, variables):
+        return (self.steps > 1,)
 
     def check(self, model, variables):
         optimizer = _keras.inner_optimizer(model.optimizer)
@@ -98,42 +98,43 @@ class _AccumulateHook(hook_lib.StepHook):
 
     def build(self, model, variables, state):
         if self.steps == 1:
-            return  # nothing to sum
+            return {}  # nothing to sum
         # Sums in float32 at least: a float16 sum of k gradients loses bits.
-        self.sums = [
-            state.variable(f"sum{i}", v.shape, _sum_dtype(v.dtype)) for i, v in enumerate(variables)
-        ]
-        self.micro = state.variable("micro", (), "int32")  # micro-batches in the current sum
+        sums = [state.variable(f"sum{i}", v.shape, _sum_dtype(v.dtype)) for i, v in enumerate(variables)]
+        return {"sums": sums, "micro": state.variable("micro", (), "int32")}  # micro: batches in the sum
 
-    def before_update(self, grads, variables, ctx):
+    def before_update(self, grads, variables, state, ctx):
         if self.steps == 1:
             return grads  # every batch is an update: nothing to sum, nothing to veto
-        count = self.micro.value + 1
+        micro = state["micro"]
+        count = micro.value + 1
         update = count >= self.steps
         out = []
-        for g, total in zip(grads, self.sums):
+        for g, total in zip(grads, state["sums"]):
             if g is None:
                 out.append(None)
                 continue
             total.assign_add(ops.cast(g, total.dtype))
             out.append(ops.cast(total.value / self.steps, g.dtype))
-        self.micro.assign(ops.where(update, 0, count))
+        micro.assign(ops.where(update, 0, count))
         ctx.skip_unless(update)
         return out
 
-    def after_update(self, variables, ctx):
+    def after_update(self, variables, state, ctx):
         if self.steps == 1:
             return
         # The sums restart after an update (micro was just reset to 0). A real branch where
         # possible: a micro-step then only adds its gradient, as Keras's own accumulation does.
-        update = ops.equal(self.micro.value, 0)
-        if not _keras.apply_if(update, self._reset, self.sums):
-            for total in self.sums:
-                total.assign(ops.where(update, ops.zeros_like(total.value), total.value))
+        sums = state["sums"]
+        update = ops.equal(state["micro"].value, 0)
 
-    def _reset(self):
-        for total in self.sums:
-            total.assign(ops.zeros(total.shape, total.dtype))
+        def reset():
+            for total in sums:
+                total.assign(ops.zeros(total.shape, total.dtype))
+
+        if not _keras.apply_if(update, reset, sums):
+            for total in sums:
+                total.assign(ops.where(update, ops.zeros_like(total.value), total.value))
 
 
 def _sum_dtype(dtype) -> str:

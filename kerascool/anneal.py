@@ -23,14 +23,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core
 from kerascool.schedules import PiecewiseLinear
 
 _PER = ("step", "epoch")
 
 
-class AnnealVariable(hook_lib.HookCallback):
+class AnnealVariable(_core.HookCallback):
     """Set `variable` from `schedule` per step (inside the compiled step) or per epoch.
 
     Per step, the forward pass and loss of update ``t`` (``t = 0, 1, ...``
@@ -101,7 +100,6 @@ class AnnealVariable(hook_lib.HookCallback):
         self.per = per
         self.log_as = log_as
         self._hook = _AnnealHook(self)
-        self._step_work_name = f"anneal_{id(self)}"
 
     # -- values ---------------------------------------------------------------
     def value_at(self, t):
@@ -122,9 +120,6 @@ class AnnealVariable(hook_lib.HookCallback):
         return np.asarray(ops.convert_to_numpy(self.value_at(t)), dtype=self.variable.dtype)
 
     # -- callback ---------------------------------------------------------------
-    def step_hooks(self):
-        return [self._hook]
-
     def _check_model(self, model) -> None:
         if not any(v is self.variable for v in model.non_trainable_variables):
             raise ValueError(
@@ -142,30 +137,12 @@ class AnnealVariable(hook_lib.HookCallback):
         else:
             keras.callbacks.Callback.set_model(self, model)
 
+    def step_hooks(self):
+        return [self._hook] if self.per == "step" else []
+
     def on_train_begin(self, logs=None) -> None:
-        self._check_model(self.model)
         if self.per == "epoch":
-            return
-        registry = hook_lib.registry_for(self.model)
-        registry.prepare([self._hook])
-        # The value for the first update, set now: the variable is right before the first
-        # step, and on JAX its (possibly weakly typed) initial value gets the type the step
-        # writes, so that the first step is not traced twice.
-        self.variable.assign(self._eager_value(registry.steps.value))
-        _keras.add_step_work(self.model, self._step_work_name, _keras.StepWork(before=self._set_for_step))
-        super().on_train_begin(logs)
-
-    def _set_for_step(self, model) -> None:
-        registry = hook_lib.registry_for(model)
-        if self._hook not in registry.hooks:
-            return  # traced for a later fit that this callback is not part of
-        self.variable.assign(self.value_at(registry.steps.value))
-
-    def on_train_end(self, logs=None) -> None:
-        if self.per == "epoch":
-            return
-        _keras.remove_step_work(self.model, self._step_work_name)
-        super().on_train_end(logs)
+            self._check_model(self.model)  # per step: checked when fit installs the hook
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self.per == "epoch":
@@ -184,16 +161,34 @@ class AnnealVariable(hook_lib.HookCallback):
         return {"variable": self.variable.path, "schedule": schedule, "per": self.per, "log_as": self.log_as}
 
 
-class _AnnealHook(hook_lib.StepHook):
-    """Makes the shared step counter advance; logs the value of the step."""
+class _AnnealHook(_core.StepHook):
+    """Sets the variable at the start of each step from the shared step counter; logs it."""
 
-    order = hook_lib.TRANSFORM
+    stage = "transform"
     name = "anneal"
 
     def __init__(self, owner: AnnealVariable):
         self.owner = owner
 
-    def before_update(self, grads, variables, ctx):
+    def state_key(self) -> str:
+        return f"anneal/{self.owner.variable.path}"
+
+    def build(self, model, variables, state):
+        if self.owner.log_as is not None:
+            state.log_slot(self.owner.log_as)
+        return {}
+
+    def start(self, model, state) -> None:
+        # The value for the first update, set now: the variable is right before the first
+        # step, and on JAX its (possibly weakly typed) initial value gets the type the step
+        # writes, so that the first step is not traced twice.
+        steps = _core.installation_of(model).steps
+        self.owner.variable.assign(self.owner._eager_value(steps.value))
+
+    def before_step(self, model, state) -> None:
+        self.owner.variable.assign(self.owner.value_at(_core.installation_of(model).steps.value))
+
+    def before_update(self, grads, variables, state, ctx):
         if self.owner.log_as is not None:
             # Recomputed from the counter: on JAX the model's own variables are not
             # readable inside `apply` (only the optimizer's are).

@@ -19,7 +19,7 @@ so checkpoints and `BackupAndRestore` hold them; the `WeightSwap` over them
 Non-trainable variables (BatchNorm statistics, opt-in) are averaged at the end
 of the train step, after the forward pass has updated them: inside JAX's
 ``stateless_apply`` they are not readable, so the step's move (``keep`` and
-``active``) is recorded and applied to them after the train step (`_keras.add_step_work`).
+``active``) is recorded and applied to them after the train step (``after_step``).
 
 >>> import keras
 >>> round(float(blend(keras.ops.ones(()), keras.ops.zeros(()), 0.9)), 6)
@@ -32,8 +32,7 @@ from typing import Optional
 
 from keras import ops
 
-from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core, _keras
 from kerascool.swap import SwapCallbackMixin, WeightSwap
 
 
@@ -59,30 +58,38 @@ def _is_float(variable) -> bool:
     return "float" in str(variable.dtype)
 
 
-class AveragingHook(hook_lib.StepHook):
-    """Shadows of the trainable (and opt-in non-trainable) variables, moved in the step.
+class Averages:
+    """One model's averaging state: the averaged variables, their shadows, the swap."""
 
-    Subclasses override ``schedule`` (and ``build_schedule``/``advance`` for
-    state of their own).
-    """
-
-    order = hook_lib.AVERAGE
-    name = "average"
-    write_back = False  # Lookahead: the weights take the new shadow values
-
-    def __init__(self, include_non_trainable: bool = False):
-        self.include_non_trainable = include_non_trainable
+    def __init__(self):
         self.variables: list = []
         self.shadows: list = []
         self.extra_variables: list = []
         self.extra_shadows: list = []
         self.swap: Optional[WeightSwap] = None
 
-    # -- to override -----------------------------------------------------
-    def build_schedule(self, state: hook_lib.HookState) -> None:
-        """Create the subclass's own state."""
 
-    def schedule(self, n):
+class AveragingHook(_core.StepHook):
+    """Shadows of the trainable (and opt-in non-trainable) variables, moved in the step.
+
+    Subclasses override ``schedule`` (and ``build_schedule``/``advance`` for
+    state of their own, kept on the `Averages`).
+    """
+
+    stage = "average"
+    name = "average"
+    write_back = False  # Lookahead: the weights take the new shadow values
+
+    def __init__(self, include_non_trainable: bool = False):
+        self.include_non_trainable = include_non_trainable
+        if include_non_trainable:
+            self.after_step = self._average_non_trainables
+
+    # -- to override -----------------------------------------------------
+    def build_schedule(self, state: _core.StateFactory, averages: Averages) -> None:
+        """Create the subclass's own state on `averages`."""
+
+    def schedule(self, n, averages: Averages):
         """``(active, keep)`` for real update `n` (int32 tensor, from 1).
 
         ``active`` is a bool tensor, or a Python bool when it does not depend
@@ -90,38 +97,43 @@ class AveragingHook(hook_lib.StepHook):
         """
         raise NotImplementedError
 
-    def advance(self, active) -> None:
+    def advance(self, active, averages: Averages) -> None:
         """Update the subclass's own state; `active` says the shadows moved."""
 
     # -- the mechanism ---------------------------------------------------
-    def build(self, model, variables, state):
-        self.variables = list(variables)
-        # Deterministic creation order: checkpoints restore optimizer variables by index.
-        self.shadows = [state.like(v, f"{i}") for i, v in enumerate(self.variables)]
-        self.updates = state.variable("updates", (), "int32")
-        self.build_schedule(state)
-        pairs = list(zip(self.variables, self.shadows))
-        if self.include_non_trainable:
-            self.extra_variables = [v for v in model.non_trainable_variables if _is_float(v)]
-            self.extra_shadows = [state.like(v, f"nt{i}") for i, v in enumerate(self.extra_variables)]
-            self.last_keep = state.variable("last_keep", (), "float32")
-            self.last_active = state.variable("last_active", (), "float32")
-            _keras.add_step_work(model, "kerascool_averages", _keras.StepWork(after=_average_non_trainables))
-            pairs += list(zip(self.extra_variables, self.extra_shadows))
-        self.swap = WeightSwap(model, pairs, name=self.name)
+    def layout(self, model, variables):
+        extra = [(tuple(v.shape), str(v.dtype)) for v in model.non_trainable_variables if _is_float(v)]
+        return (self.include_non_trainable, tuple(extra) if self.include_non_trainable else ())
 
-    def after_update(self, variables, ctx):
+    def build(self, model, variables, state):
+        averages = Averages()
+        averages.variables = list(variables)
+        # Deterministic creation order: checkpoints restore optimizer variables by index.
+        averages.shadows = [state.like(v, f"{i}") for i, v in enumerate(averages.variables)]
+        averages.updates = state.variable("updates", (), "int32")
+        self.build_schedule(state, averages)
+        pairs = list(zip(averages.variables, averages.shadows))
+        if self.include_non_trainable:
+            averages.extra_variables = [v for v in model.non_trainable_variables if _is_float(v)]
+            averages.extra_shadows = [state.like(v, f"nt{i}") for i, v in enumerate(averages.extra_variables)]
+            averages.last_keep = state.variable("last_keep", (), "float32")
+            averages.last_active = state.variable("last_active", (), "float32")
+            pairs += list(zip(averages.extra_variables, averages.extra_shadows))
+        averages.swap = WeightSwap(model, pairs, name=self.name)
+        return averages
+
+    def after_update(self, variables, averages, ctx):
         applied = ctx.applied
-        active, keep = self.schedule(self.updates.value + 1)
+        active, keep = self.schedule(averages.updates.value + 1, averages)
         if applied is not None:
             active = applied if active is True else ops.logical_and(applied, active)
-            self.updates.assign_add(ops.cast(applied, "int32"))
+            averages.updates.assign_add(ops.cast(applied, "int32"))
         else:
-            self.updates.assign_add(1)
+            averages.updates.assign_add(1)
         if active is not False:
-            self.advance(active)
+            self.advance(active, averages)
             factors: dict = {}
-            for var, shadow in zip(variables, self.shadows):
+            for var, shadow in zip(variables, averages.shadows):
                 new = blend(shadow.value, var.value, keep, factors)
                 if active is not True:
                     new = ops.where(active, new, shadow.value)
@@ -131,33 +143,26 @@ class AveragingHook(hook_lib.StepHook):
                     fast = _keras.snapshot(new)
                     var.assign(fast if active is True else ops.where(active, fast, var.value))
         if self.include_non_trainable:
-            self.last_keep.assign(ops.cast(keep, "float32"))
+            averages.last_keep.assign(ops.cast(keep, "float32"))
             moved = 1.0 if active is True else 0.0 if active is False else ops.cast(active, "float32")
-            self.last_active.assign(moved)
+            averages.last_active.assign(moved)
 
-    def average_non_trainable(self) -> None:
-        """Move the non-trainable shadows as the step moved the others (after the step)."""
-        active, factors = ops.greater(self.last_active.value, 0.0), {}
-        for var, shadow in zip(self.extra_variables, self.extra_shadows):
-            new = blend(shadow.value, var.value, self.last_keep.value, factors)
+    def _average_non_trainables(self, model, averages) -> None:
+        """After the train step: move the non-trainable shadows as the step moved the others."""
+        active, factors = ops.greater(averages.last_active.value, 0.0), {}
+        for var, shadow in zip(averages.extra_variables, averages.extra_shadows):
+            new = blend(shadow.value, var.value, averages.last_keep.value, factors)
             shadow.assign(ops.where(active, new, shadow.value))
 
-    def average_now(self, keep) -> None:
+    def average_now(self, averages: Averages, keep) -> None:
         """Move every shadow once, eagerly (between steps: SWA per epoch)."""
-        _keras.sync_state(self.swap.model)
+        _keras.sync_state(averages.swap.model)
         factors: dict = {}
-        for var, shadow in self.swap.pairs:
+        for var, shadow in averages.swap.pairs:
             shadow.assign(blend(shadow.value, var.value, keep, factors))
 
 
-def _average_non_trainables(model) -> None:
-    # Runs at trace time of the train step: only hooks attached to this fit count.
-    for hook in hook_lib.registry_for(model).hooks:
-        if isinstance(hook, AveragingHook) and hook.include_non_trainable:
-            hook.average_non_trainable()
-
-
-class AveragingCallback(SwapCallbackMixin, hook_lib.HookCallback):
+class AveragingCallback(SwapCallbackMixin, _core.HookCallback):
     """Base of `EMA` and `SWA`: an `AveragingHook` plus the swap for evaluation."""
 
     def __init__(self, hook: AveragingHook, validation: str, swap_at_end: bool):
@@ -168,8 +173,12 @@ class AveragingCallback(SwapCallbackMixin, hook_lib.HookCallback):
     def step_hooks(self):
         return [self._hook]
 
+    def _averages(self) -> Optional[Averages]:
+        return self._state(self._hook)
+
     def _current_swap(self) -> Optional[WeightSwap]:
-        return self._hook.swap
+        averages = self._averages()
+        return None if averages is None else averages.swap
 
     def _swap_ready(self) -> bool:
         return True

@@ -2,7 +2,7 @@
 
 kerascool runs on the distribution engines Keras 3 already uses; its hooks
 see the globally reduced gradient on each of them (under MirroredStrategy the
-step hook all-reduces the replicas' gradients itself, see `kerascool.hook`):
+step hook all-reduces the replicas' gradients itself, see `kerascool._core`):
 
 - TensorFlow, one process, several devices: ``tf.distribute.MirroredStrategy``;
 - JAX, one process, several devices: ``keras.distribution.DataParallel``;

@@ -147,7 +147,7 @@ class _EMAHook(averaging.AveragingHook):
             warm = (1.0 + s) / (10.0 + s)
         return ops.minimum(ema.decay, warm)
 
-    def schedule(self, n):
+    def schedule(self, n, averages=None):
         ema = self.ema
         since = n - ema.start
         s = ops.cast(ops.maximum(since // ema.every - 1, 0), "float32")

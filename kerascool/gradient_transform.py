@@ -6,13 +6,13 @@ from typing import Optional
 
 from keras import ops
 
-from kerascool import hook as hook_lib
+from kerascool import _core
 from kerascool.transforms import GradientTransformation, as_transformation, chain, global_norm, layer_of
 
 _LOG_NORMS = (None, "global", "layer")
 
 
-class GradientTransform(hook_lib.HookCallback):
+class GradientTransform(_core.HookCallback):
     """Transform the gradients between the loss and the user's stock optimizer.
 
     The transformations run in order inside the compiled train step, on the
@@ -52,7 +52,8 @@ class GradientTransform(hook_lib.HookCallback):
         return [self._hook]
 
     def on_epoch_begin(self, epoch, logs=None):
-        for total, count in self._hook.means.values():
+        state = self._state()
+        for total, count in (state["means"].values() if state else ()):
             total.assign(0.0)
             count.assign(0.0)
 
@@ -60,38 +61,42 @@ class GradientTransform(hook_lib.HookCallback):
         return {"transforms": [repr(t) for t in self.transform.transforms], "log_norms": self.log_norms}
 
 
-class _TransformHook(hook_lib.StepHook):
-    order = hook_lib.TRANSFORM
+class _TransformHook(_core.StepHook):
+    stage = "transform"
     name = "grads"
 
     def __init__(self, transform: GradientTransformation, log_norms: Optional[str]):
         self.transform = transform
         self.log_norms = log_norms
-        self.means: dict = {}
+
+    def layout(self, model, variables):
+        return (repr(self.transform), self.log_norms)
 
     def check(self, model, variables):
         self.transform.check(variables)
 
     def build(self, model, variables, state):
-        self.transform.init(variables, state)
         names = []
         if self.log_norms:
             names.append("grad_norm")
         if self.log_norms == "layer":
             names += sorted({f"grad_norm/{layer_of(v)}" for v in variables})
+        means = {}
         for i, name in enumerate(names):
-            self.means[name] = (state.variable(f"mean{i}_sum"), state.variable(f"mean{i}_count"))
+            means[name] = (state.variable(f"mean{i}_sum"), state.variable(f"mean{i}_count"))
+            state.log_slot(name)
+        return {"transform": self.transform.init(variables, state), "means": means}
 
-    def _log_mean(self, ctx, name, value):
+    def _log_mean(self, ctx, means, name, value):
         # Mean over the steps actually applied: a step vetoed by SkipNonFinite
         # (NaN norm) would otherwise turn the epoch mean into NaN for good.
-        total, count = self.means[name]
+        total, count = means[name]
         applied = ops.ones((), "bool") if ctx.applied is None else ctx.applied
         total.assign_add(ops.where(applied, ops.cast(value, total.dtype), 0.0))
         count.assign_add(ops.cast(applied, count.dtype))
         ctx.log(name, total.value / ops.maximum(count.value, 1.0))
 
-    def before_update(self, grads, variables, ctx):
+    def before_update(self, grads, variables, state, ctx):
         norms = {}
         if self.log_norms:
             norms["grad_norm"] = global_norm(grads)  # of the incoming gradients
@@ -101,7 +106,7 @@ class _TransformHook(hook_lib.StepHook):
                 by_layer.setdefault(layer_of(v), []).append(g)
             for layer, gs in by_layer.items():
                 norms[f"grad_norm/{layer}"] = global_norm(gs)
-        grads = self.transform.update(grads, variables, ctx)
+        grads = self.transform.update(grads, state["transform"], variables, ctx)
         for name, value in norms.items():  # after the transforms: they may veto the step
-            self._log_mean(ctx, name, value)
+            self._log_mean(ctx, state["means"], name, value)
         return grads

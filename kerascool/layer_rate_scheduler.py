@@ -23,8 +23,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from keras import ops
 
-from kerascool import hook as hook_lib
-from kerascool.layer_rates import layer_rates_of
+from kerascool import _core
+from kerascool.layer_rates import layer_rates_of, multipliers_of
 
 _PER = ("epoch", "step")
 
@@ -82,7 +82,7 @@ class _Constant:
         return f"constant(factor={self.factor})"
 
 
-class LayerRateScheduler(hook_lib.HookCallback):
+class LayerRateScheduler(_core.HookCallback):
     """Schedule the multipliers of a model decorated with `kerascool.layer_rates`.
 
     Args:
@@ -145,7 +145,8 @@ class LayerRateScheduler(hook_lib.HookCallback):
 
     def _check_model(self, model) -> None:
         super()._check_model(model)
-        self._validate(model)
+        if model.trainable_variables:  # else checked once fit has built the model (the hook's check)
+            self._validate(model)
 
     def _validate(self, model) -> None:
         rates = layer_rates_of(model)  # raises when the model is not decorated
@@ -174,38 +175,54 @@ class LayerRateScheduler(hook_lib.HookCallback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.per != "epoch":
             return
-        rates = layer_rates_of(self.model)
-        factors = self.factors(epoch, len(rates.base))
-        rates.multipliers.assign(np.asarray(rates.base, "float32") * np.asarray(factors, "float32"))
+        model = self.model
+
+        def assign():
+            rates = layer_rates_of(model)
+            factors = self.factors(epoch, len(rates.base))
+            values = np.asarray(rates.base, "float32") * np.asarray(factors, "float32")
+            multipliers_of(model, rates).assign(values)
+
+        _core.installation_of(model).when_built(assign)
 
     def get_config(self) -> dict:
         return {"schedule": repr(self.schedule), "per": self.per, "log": self.log}
 
 
-class _ScheduleHook(hook_lib.StepHook):
+class _ScheduleHook(_core.StepHook):
     """Per-step schedule and logging, inside the compiled step."""
 
-    order = hook_lib.TRANSFORM
+    stage = "transform"
     name = "layer_rate_schedule"
 
     def __init__(self, scheduler: LayerRateScheduler):
         self.scheduler = scheduler
 
-    def check(self, model, variables):
-        if variables:
-            self.scheduler._validate(model)
+    def layout(self, model, variables):
+        return (tuple(layer_rates_of(model).group_names),)
 
-    def before_update(self, grads, variables, ctx):
-        rates = layer_rates_of(self.scheduler.model)
+    def check(self, model, variables):
+        self.scheduler._validate(model)
+
+    def build(self, model, variables, state):
+        if self.scheduler.log:
+            for name in layer_rates_of(model).group_names:
+                state.log_slot(f"layer_rate/{name}")
+        return {}
+
+    def before_update(self, grads, variables, state, ctx):
+        # ctx.model, not the callback's: `Callback.model` syncs JAX state (not inside a trace).
+        rates = layer_rates_of(ctx.model)
+        multipliers = ctx.installation.state_of(rates)["multipliers"]
         n = len(rates.base)
         if self.scheduler.per == "step":
             t = ops.cast(ctx.step, "float32")
             factors = ops.stack(
                 [ops.cast(self.scheduler.schedule(t, n - 1 - i), "float32") for i in range(n)]
             )
-            rates.multipliers.assign(ops.convert_to_tensor(np.asarray(rates.base, "float32")) * factors)
+            multipliers.assign(ops.convert_to_tensor(np.asarray(rates.base, "float32")) * factors)
         if self.scheduler.log:
-            values = rates.multipliers.value
+            values = multipliers.value
             for i, name in enumerate(rates.group_names):
                 ctx.log(f"layer_rate/{name}", values[i])
         return grads

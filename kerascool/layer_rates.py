@@ -59,8 +59,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 from keras import ops
 
-from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core, _keras
 from kerascool.selection import Selection, describe, segment_patterns, select_variables
 
 Rules = Union[Mapping, Sequence]
@@ -140,7 +139,8 @@ def _depth_groups(model, variables: list) -> list:
     groups: list = []
     slot_of_depth: dict = {}
     taken: set = set()
-    for layer in model.layers:
+    # Subclassed models: bottom first in the order `call` uses the layers, not `__init__`'s.
+    for layer in _keras.call_order(model) or model.layers:
         own = [index[id(v)] for v in layer.trainable_weights if id(v) in index and id(v) not in taken]
         if not own:
             continue
@@ -164,14 +164,14 @@ def _depth_groups(model, variables: list) -> list:
     return groups
 
 
-class LayerRates(hook_lib.StepHook):
+class LayerRates(_core.StepHook):
     """The decoration's step hook: the resolved groups and their multipliers.
 
     Created by `layer_rates`; users read it through `layer_rate_table` and
     `current_layer_rates` and change it through `LayerRateScheduler`.
     """
 
-    order = hook_lib.RESCALE
+    stage = "rescale"
     needs_old_values = True
     name = "layer_rates"
 
@@ -180,7 +180,6 @@ class LayerRates(hook_lib.StepHook):
         self.groups_spec = groups
         self.decay = decay
         self.spread = spread
-        self.multipliers = None  # optimizer variable, shape (groups,)
         self._resolved_for: Optional[tuple] = None
         self.group_names: list[str] = []
         self.base: list[float] = []
@@ -240,21 +239,19 @@ class LayerRates(hook_lib.StepHook):
                 "Compile without `use_ema`."
             )
         self.resolve(model, variables)
-        built = self.multipliers is not None and any(v is self.multipliers for v in optimizer.variables)
-        if built and tuple(self.multipliers.shape) != (len(self.base),):
-            raise ValueError(
-                f"The layer-rate groups of model {model.name!r} changed since it was decorated (now "
-                f"{len(self.base)}: {self.group_names}), because its trainable variables changed. Re-compile "
-                "the model, or decorate it again with `kerascool.layer_rates(model, ...)`."
-            )
+
+    def layout(self, model, variables):
+        self.resolve(model, variables)
+        return (tuple(self.group_names), tuple(self.base))
 
     def build(self, model, variables, state):
         self.resolve(model, variables)
-        self.multipliers = state.variable("multipliers", (len(self.base),), "float32")
-        self.multipliers.assign(np.asarray(self.base, "float32"))
+        multipliers = state.variable("multipliers", (len(self.base),), "float32")
+        multipliers.assign(np.asarray(self.base, "float32"))
+        return {"multipliers": multipliers}
 
-    def after_update(self, variables, ctx):
-        mult = self.multipliers.value
+    def after_update(self, variables, state, ctx):
+        mult = state["multipliers"].value
         factors: dict = {}
         for v, old in zip(variables, ctx.old_values):
             g = self.slot_of.get(id(v))
@@ -327,10 +324,10 @@ def layer_rates(
         else:
             hook.resolve(model, variables)
 
-    registry = hook_lib.registry_for(model)
-    for old in [h for h in registry.hooks if isinstance(h, LayerRates)]:
-        registry.detach(old)
-    registry.attach(hook)
+    installation = _core.installation_of(model)
+    for old in [h for h in installation.decorations if isinstance(h, LayerRates)]:
+        installation.undecorate(old)
+    installation.decorate(hook)
     if verbose:
         if variables:
             print(layer_rate_table(model))
@@ -342,8 +339,8 @@ def layer_rates(
 
 def layer_rates_of(model) -> LayerRates:
     """The `LayerRates` hook of a decorated model; ValueError if there is none."""
-    registry = hook_lib._REGISTRIES.get(model)
-    found = [h for h in (registry.hooks if registry else []) if isinstance(h, LayerRates)]
+    installation = _core.installation_of(model, create=False)
+    found = [h for h in (installation.decorations if installation else []) if isinstance(h, LayerRates)]
     if not found:
         raise ValueError(
             f"Model {getattr(model, 'name', model)!r} has no layer rates. Decorate it first: "
@@ -358,17 +355,24 @@ def layer_rates_of(model) -> LayerRates:
     return hook
 
 
+def multipliers_of(model, hook: LayerRates):
+    """The multipliers variable of `hook` on `model`'s current optimizer, or None."""
+    installation = _core.installation_of(model, create=False)
+    state = None if installation is None else installation.state_of(hook)
+    optimizer = getattr(model, "optimizer", None)
+    if state is None or optimizer is None or installation.optimizer is not _keras.inner_optimizer(optimizer):
+        return None
+    return state["multipliers"]
+
+
 def current_layer_rates(model) -> dict:
     """``{group name: multiplier in force}``, bottom group first."""
     hook = layer_rates_of(model)
-    optimizer = getattr(model, "optimizer", None)
-    current = optimizer is not None and any(
-        v is hook.multipliers for v in _keras.inner_optimizer(optimizer).variables
-    )
-    if not current:  # not built yet, or re-compiled: the next fit starts from the decorated values
+    multipliers = multipliers_of(model, hook)
+    if multipliers is None:  # not built yet, or re-compiled: the next fit starts from the decorated values
         return dict(zip(hook.group_names, hook.base))
     _keras.sync_state(model)
-    values = ops.convert_to_numpy(hook.multipliers.value).tolist()
+    values = ops.convert_to_numpy(multipliers.value).tolist()
     return dict(zip(hook.group_names, [float(v) for v in values]))
 
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from keras import ops
 
-from kerascool import averaging
-from kerascool import hook as hook_lib
+from kerascool import _core, averaging
 
 
-class Lookahead(hook_lib.HookCallback):
+class Lookahead(_core.HookCallback):
     """Lookahead around the model's stock optimizer.
 
     Between synchronisations the model holds the fast weights, and so do
@@ -63,14 +62,17 @@ class Lookahead(hook_lib.HookCallback):
 
 class _LookaheadHook(averaging.AveragingHook):
     name = "lookahead"
-    order = hook_lib.AVERAGE - 1  # before EMA/SWA: they average the synchronised weights
+    stage = "lookahead"  # before EMA/SWA: they average the synchronised weights
     write_back = True
 
     def __init__(self, lookahead: Lookahead):
         super().__init__()
         self.lookahead = lookahead
 
-    def schedule(self, n):
+    def layout(self, model, variables):
+        return ()
+
+    def schedule(self, n, averages):
         la = self.lookahead
         keep = 1.0 - la.alpha
         if la.k == 1:

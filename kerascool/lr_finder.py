@@ -224,6 +224,25 @@ class _Sweep(keras.callbacks.Callback):
                 variable.assign(value)
 
 
+def _build_before_sweep(model, fit_args: dict) -> None:
+    """Build a model Keras would build lazily (TF, no `keras.Input`), so the sweep can restore it.
+
+    From the spec of arrays or a `tf.data.Dataset`; a Python generator is
+    not touched (a batch taken from it would be lost to the sweep).
+    """
+    if all(layer.built for layer in _keras.flatten_layers(model)) and model.built:
+        return
+    x = fit_args["x"]
+    if hasattr(x, "element_spec"):
+        batch = x.element_spec
+    elif hasattr(x, "shape") and hasattr(x, "dtype"):
+        batch = (x[:1],) if fit_args.get("y") is None else (x[:1], fit_args["y"][:1])
+    else:
+        return
+    with _keras.strategy_scope(model):
+        _keras.symbolic_build(model, batch)
+
+
 def _state_variables(model) -> list:
     seen, out = set(), []
     for v in list(model.variables) + list(model.optimizer.variables) + list(model.metrics_variables):
@@ -315,6 +334,7 @@ def find_lr(
     previous_stop = getattr(model, "stop_training", False)
     model.train_function = None  # trace with the sweep's rate
     try:
+        _build_before_sweep(model, fit_args)
         model.fit(**fit_args, epochs=num_steps, steps_per_epoch=1, verbose=0, callbacks=[sweep])
     finally:
         sweep.restore()

@@ -25,7 +25,7 @@ import numpy as np
 from keras import tree
 
 from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core
 
 _MODES = ("max", "min")
 
@@ -137,11 +137,9 @@ class PythonMetric(keras.callbacks.Callback):
             return swap if ready else None
         from kerascool.averaging import AveragingHook
 
-        swaps = [
-            h.swap
-            for h in hook_lib.registry_for(self.model).hooks
-            if isinstance(h, AveragingHook) and getattr(h, "swap", None) is not None
-        ]
+        installation = _core.installation_of(self.model)
+        averages = [installation.state_of(h) for h in installation.hooks if isinstance(h, AveragingHook)]
+        swaps = [a.swap for a in averages if a is not None]
         if len(swaps) > 1:
             if not self._warned:
                 warnings.warn(

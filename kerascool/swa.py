@@ -21,7 +21,7 @@ from typing import Optional
 
 from keras import layers, ops
 
-from kerascool import _keras, averaging, swap
+from kerascool import _core, _keras, averaging, swap
 
 _UNITS = ("epoch", "step")
 
@@ -78,11 +78,11 @@ class SWA(averaging.AveragingCallback):
 
     def averaged_count(self) -> int:
         """How many weights the average holds so far."""
-        hook = self._hook
-        if hook.swap is None:
+        averages = self._averages()
+        if averages is None:
             return 0
-        _keras.sync_state(hook.swap.model)
-        return int(_keras.host_copy(hook.models))
+        _keras.sync_state(averages.swap.model)
+        return int(_keras.host_copy(averages.models))
 
     def _swap_ready(self) -> bool:
         return self.averaged_count() > 0
@@ -98,10 +98,11 @@ class SWA(averaging.AveragingCallback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.unit == "epoch":
             self._take_pending_epoch()
-            self._hook.pending.assign(1)
+            _core.installation_of(self.model).when_built(lambda: self._averages().pending.assign(1))
 
     def on_test_begin(self, logs=None):
-        if self.unit == "epoch" and swap.swaps_of(self._hook.swap.model).fit_validation:
+        averages = self._averages()
+        if self.unit == "epoch" and averages is not None and swap.swaps_of(averages.swap.model).fit_validation:
             self._take_pending_epoch()
         super().on_test_begin(logs)
 
@@ -110,18 +111,20 @@ class SWA(averaging.AveragingCallback):
             self._take_pending_epoch()
 
     def _take_pending_epoch(self) -> None:
-        hook = self._hook
-        _keras.sync_state(hook.swap.model)
-        if not int(_keras.host_copy(hook.pending)):
+        averages = self._averages()
+        if averages is None:
+            return  # built right before the first step (a model Keras builds lazily)
+        _keras.sync_state(averages.swap.model)
+        if not int(_keras.host_copy(averages.pending)):
             return
-        hook.pending.assign(0)
-        epochs = int(_keras.host_copy(hook.epochs)) + 1
-        hook.epochs.assign(epochs)
+        averages.pending.assign(0)
+        epochs = int(_keras.host_copy(averages.epochs)) + 1
+        averages.epochs.assign(epochs)
         since = epochs - self.start
         if since > 0 and since % self.every == 0:
-            m = int(_keras.host_copy(hook.models))
-            hook.average_now(m / (m + 1.0))
-            hook.models.assign(m + 1)
+            m = int(_keras.host_copy(averages.models))
+            self._hook.average_now(averages, m / (m + 1.0))
+            averages.models.assign(m + 1)
 
     def get_config(self) -> dict:
         return {
@@ -141,22 +144,22 @@ class _SWAHook(averaging.AveragingHook):
         super().__init__(swa.include_non_trainable)
         self.swa = swa
 
-    def build_schedule(self, state):
-        self.models = state.variable("models", (), "int32")  # weights averaged so far
-        self.epochs = state.variable("epochs", (), "int32")  # epochs ended (unit="epoch")
-        self.pending = state.variable("pending", (), "int32")  # 1: an epoch whose weights are not taken yet
+    def build_schedule(self, state, averages):
+        averages.models = state.variable("models", (), "int32")  # weights averaged so far
+        averages.epochs = state.variable("epochs", (), "int32")  # epochs ended (unit="epoch")
+        averages.pending = state.variable("pending", (), "int32")  # 1: an epoch whose weights are not taken yet
 
-    def schedule(self, n):
+    def schedule(self, n, averages):
         swa = self.swa
         if swa.unit == "epoch":
             return False, 0.0  # averaged between steps, by the callback
         since = n - swa.start
         active = ops.logical_and(ops.greater(since, 0), ops.equal(since % swa.every, 0))
-        m = ops.cast(self.models.value, "float32")
+        m = ops.cast(averages.models.value, "float32")
         return active, m / (m + 1.0)
 
-    def advance(self, active):
-        self.models.assign_add(ops.cast(active, "int32"))
+    def advance(self, active, averages):
+        averages.models.assign_add(ops.cast(active, "int32"))
 
 
 def update_bn(model, x, batch_size: int = 32, steps: Optional[int] = None) -> None:

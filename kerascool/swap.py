@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 import keras
 
 from kerascool import _keras
+from kerascool._core.installation import installation_of
 
 _GUARDED = ("evaluate", "predict", "save", "save_weights")
 
@@ -205,8 +206,8 @@ class _ModelSwaps:
 
         guarded.__wrapped__ = original
         guarded.__doc__ = original.__doc__
-        # Instance attribute: shadows the class method for this model only.
-        object.__setattr__(model, name, guarded)
+        # Instance attribute: shadows the class method for this model only, undone by uninstall.
+        installation_of(model).shadow(model, name, guarded)
 
     def _validate_again(self, evaluate, swap: WeightSwap, logs, args, kwargs):
         """Run fit's validation once more with `swap` in; add its logs as ``<name>_<key>``."""
@@ -225,7 +226,20 @@ def swaps_of(model) -> _ModelSwaps:
     swaps = _SWAPS.get(model)
     if swaps is None:
         swaps = _SWAPS[model] = _ModelSwaps(model)
+        installation_of(model).on_uninstall(lambda: _forget(model))
     return swaps
+
+
+def swaps_if_any(model):
+    """The swap state of `model`, or None if no swap was ever made on it."""
+    return _SWAPS.get(model)
+
+
+def _forget(model) -> None:
+    swaps = _SWAPS.pop(model, None)
+    if swaps is not None:
+        for swap in reversed(list(swaps.active)):
+            swaps.leave(swap)
 
 
 def protect(model, variables: Sequence) -> None:

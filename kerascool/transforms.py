@@ -2,10 +2,13 @@
 
 Each transformation has two methods, as in optax:
 
-- ``init(variables, state)``: runs once, eagerly, and creates any state
-  (``state.variable(...)``);
-- ``update(grads, variables, ctx)``: runs inside the compiled step (keras.ops
-  only) and returns the new gradients; ``None`` gradients pass through.
+- ``init(variables, state) -> transform_state``: runs eagerly when ``fit``
+  starts and returns the transformation's state (variables made with
+  ``state.variable(...)``, or None); nothing is kept on ``self``, so one
+  instance can serve several models;
+- ``update(grads, transform_state, variables, ctx)``: runs inside the
+  compiled step (keras.ops only) with the state `init` returned, and returns
+  the new gradients; ``None`` gradients pass through.
 
 Selection is its own concern: ``masked(transform, include)`` applies a
 transformation to the chosen variables only (see `kerascool.selection`).
@@ -15,7 +18,7 @@ pattern that matches nothing fails with the model untouched.
 >>> import numpy as np
 >>> from keras import ops
 >>> g = [ops.convert_to_tensor(np.array([3.0, 4.0]))]
->>> float(ops.norm(ClipByGlobalNorm(1.0).update(g, [None], None)[0]))  # doctest: +ELLIPSIS
+>>> float(ops.norm(ClipByGlobalNorm(1.0).update(g, None, [None], None)[0]))  # doctest: +ELLIPSIS
 1.0...
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from keras import ops
 
@@ -57,10 +60,11 @@ class GradientTransformation:
     def check(self, variables: Sequence) -> None:
         """Raise on a bad choice of variables; create nothing."""
 
-    def init(self, variables: Sequence, state) -> None:
-        pass
+    def init(self, variables: Sequence, state):
+        """Create and return the state (None: stateless)."""
+        return None
 
-    def update(self, grads: list, variables: list, ctx) -> list:
+    def update(self, grads: list, state, variables: list, ctx) -> list:
         raise NotImplementedError
 
     def get_config(self) -> dict:
@@ -82,7 +86,7 @@ class ClipByNorm(GradientTransformation):
     def __init__(self, max_norm: float):
         self.max_norm = _check_positive("max_norm", max_norm)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         return [None if g is None else _scale_to([g], ops.sqrt(_sq_sum(g)), self.max_norm)[0] for g in grads]
 
     def get_config(self):
@@ -100,7 +104,7 @@ class ClipByLayerNorm(GradientTransformation):
     def __init__(self, max_norm: float):
         self.max_norm = _check_positive("max_norm", max_norm)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         groups: dict[str, list[int]] = {}
         for i, (g, v) in enumerate(zip(grads, variables)):
             if g is not None:
@@ -122,7 +126,7 @@ class ClipByGlobalNorm(GradientTransformation):
     def __init__(self, max_norm: float):
         self.max_norm = _check_positive("max_norm", max_norm)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         return _scale_to(grads, global_norm(grads), self.max_norm)
 
     def get_config(self):
@@ -142,7 +146,7 @@ class ClipByValue(GradientTransformation):
     def __init__(self, limit: float):
         self.limit = _check_positive("limit", limit)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         return [None if g is None else ops.clip(g, -self.limit, self.limit) for g in grads]
 
     def get_config(self):
@@ -175,7 +179,7 @@ class AdaptiveClip(GradientTransformation):
         self.clipping = _check_positive("clipping", clipping)
         self.eps = _check_positive("eps", eps)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         out = []
         for g, v in zip(grads, variables):
             if g is None:
@@ -199,7 +203,7 @@ class Scale(GradientTransformation):
             raise ValueError(f"Invalid value for argument `factor`. Expected a finite number. Received: factor={factor!r}")
         self.factor = float(factor)
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         return [None if g is None else g * ops.cast(self.factor, g.dtype) for g in grads]
 
     def get_config(self):
@@ -215,13 +219,15 @@ class SkipNonFinite(GradientTransformation):
     """
 
     def init(self, variables, state):
-        self.skipped = state.variable("skipped", (), "int32")
+        state.log_slot("skipped_steps")
+        return {"skipped": state.variable("skipped", (), "int32")}
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads if g is not None]))
         ctx.skip_unless(finite)
-        self.skipped.assign_add(1 - ops.cast(finite, "int32"))
-        ctx.log("skipped_steps", self.skipped.value)
+        skipped = state["skipped"]
+        skipped.assign_add(1 - ops.cast(finite, "int32"))
+        ctx.log("skipped_steps", skipped.value)
         # Zeros keep NaN out of whatever runs before the update is discarded; a real
         # branch rather than a per-element select, which costs a pass over every gradient.
         present = [g for g in grads if g is not None]
@@ -237,7 +243,7 @@ class Lambda(GradientTransformation):
             raise TypeError(f"Invalid value for argument `fn`. Expected a callable fn(grads, variables) -> grads. Received: fn={fn!r}")
         self.fn = fn
 
-    def update(self, grads, variables, ctx):
+    def update(self, grads, state, variables, ctx):
         out = list(self.fn(list(grads), list(variables)))
         if len(out) != len(grads):
             raise ValueError(
@@ -270,12 +276,11 @@ class chain(GradientTransformation):  # noqa: N801 (reads as optax.chain)
             t.check(variables)
 
     def init(self, variables, state):
-        for t in self.transforms:
-            t.init(variables, state)
+        return tuple(t.init(variables, state) for t in self.transforms)
 
-    def update(self, grads, variables, ctx):
-        for t in self.transforms:
-            grads = t.update(grads, variables, ctx)
+    def update(self, grads, state, variables, ctx):
+        for t, inner in zip(self.transforms, state):
+            grads = t.update(grads, inner, variables, ctx)
         return grads
 
     def __repr__(self):
@@ -293,21 +298,18 @@ class masked(GradientTransformation):  # noqa: N801 (reads as optax.masked)
     def __init__(self, transform: GradientTransformation, include: Selection):
         self.transform = as_transformation(transform)
         self.include = include
-        self._mask: Optional[list[bool]] = None
 
     def check(self, variables):
-        self._mask = select_variables(variables, self.include, "include")
-        self.transform.check([v for v, m in zip(variables, self._mask) if m])
+        mask = select_variables(variables, self.include, "include")
+        self.transform.check([v for v, m in zip(variables, mask) if m])
 
     def init(self, variables, state):
-        self._mask = select_variables(variables, self.include, "include")
-        self.transform.init([v for v, m in zip(variables, self._mask) if m], state)
+        mask = select_variables(variables, self.include, "include")
+        return {"mask": mask, "inner": self.transform.init([v for v, m in zip(variables, mask) if m], state)}
 
-    def update(self, grads, variables, ctx):
-        if self._mask is None or len(self._mask) != len(variables):
-            self._mask = select_variables(variables, self.include, "include")
-        idx = [i for i, m in enumerate(self._mask) if m]
-        inner = self.transform.update([grads[i] for i in idx], [variables[i] for i in idx], ctx)
+    def update(self, grads, state, variables, ctx):
+        idx = [i for i, m in enumerate(state["mask"]) if m]
+        inner = self.transform.update([grads[i] for i in idx], state["inner"], [variables[i] for i in idx], ctx)
         out = list(grads)
         for i, g in zip(idx, inner):
             out[i] = g

@@ -37,17 +37,12 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 
 import keras
 from keras import ops
 
-from kerascool import _keras
-from kerascool import hook as hook_lib
+from kerascool import _core, _keras
 from kerascool.transforms import config_repr, global_norm
-
-# First of all hooks: accumulation and transforms must see the final gradient.
-SECOND_GRADIENT = hook_lib.ACCUMULATE - 5
 
 _TINY = 1e-12
 
@@ -121,7 +116,7 @@ class Heun(TwoGradientRule):
     """
 
     def final_gradient(self, grads, variables, gradient_at, ctx):
-        lr = ctx.registry.optimizer.learning_rate
+        lr = ctx.optimizer.learning_rate
         weights = [v.value for v in variables]
         trial = [w if g is None else w - ops.cast(lr, w.dtype) * ops.cast(g, w.dtype) for w, g in zip(weights, grads)]
         second = gradient_at(trial)
@@ -177,17 +172,10 @@ def stock_step(model: keras.Model) -> keras.Model:
 
     Idempotent; the next `fit` retraces its train step.
     """
-    hook = _HOOKS.pop(model, None)
-    if hook is not None:
-        hook_lib.registry_for(model).detach(hook)
-        _keras.remove_step_work(model, "two_step")
-        model.train_function = None
+    installation = _core.installation_of(model, create=False)
+    for hook in [h for h in (installation.decorations if installation else []) if isinstance(h, _SecondGradientHook)]:
+        installation.undecorate(hook)
     return model
-
-
-# -- installation ---------------------------------------------------------------------------
-
-_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _install(model, rule: TwoGradientRule):
@@ -198,24 +186,12 @@ def _install(model, rule: TwoGradientRule):
             f"Two-gradient steps support the TensorFlow and JAX backends. Received backend: {_keras.backend()!r}"
         )
     stock_step(model)
-    hook = _SecondGradientHook(rule)
-    _keras.add_step_work(model, "two_step", _keras.StepWork(around=_hand_over_the_batch))
-    _HOOKS[model] = hook
-    hook_lib.registry_for(model).attach(hook)
-    model.train_function = None  # the next fit traces the new step
+    _core.installation_of(model).decorate(_SecondGradientHook(rule))
     return model
 
 
-def _hand_over_the_batch(model, data, state):
-    """Around the model's train step: hand its batch and starting state to the hook."""
-    hook = _HOOKS.get(model)
-    if hook is None:
-        return contextlib.nullcontext()
-    return hook.stepping(data, _keras.step_start_mapping(model, state))
-
-
-class _SecondGradientHook(hook_lib.StepHook):
-    order = SECOND_GRADIENT
+class _SecondGradientHook(_core.StepHook):
+    stage = "gradient"  # first of all: accumulation and transforms must see the final gradient
     name = "two_step"
 
     def __init__(self, rule: TwoGradientRule):
@@ -223,16 +199,19 @@ class _SecondGradientHook(hook_lib.StepHook):
         # Per thread: MirroredStrategy traces each replica's step in its own thread.
         self.pending = threading.local()
 
+    def around_step(self, model, data, step_state, state):
+        """Around the model's train step: the batch, and how the model looked when the step began."""
+        return self._stepping(data, _keras.step_start_mapping(model, step_state))
+
     @contextlib.contextmanager
-    def stepping(self, data, start: list):
-        """At trace time: the batch, and how the model looked when the step began."""
+    def _stepping(self, data, start: list):
         self.pending.step = (data, start)
         try:
             yield
         finally:
             self.pending.step = None
 
-    def before_update(self, grads, variables, ctx):
+    def before_update(self, grads, variables, state, ctx):
         step = getattr(self.pending, "step", None)
         if step is None:
             raise RuntimeError(
@@ -241,7 +220,7 @@ class _SecondGradientHook(hook_lib.StepHook):
                 "with a custom loop."
             )
         data, start = step
-        model = ctx.registry.model
+        model = ctx.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         optimizer = model.optimizer
 

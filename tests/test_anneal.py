@@ -15,7 +15,7 @@ import pytest
 from keras import ops
 
 import kerascool
-from kerascool import hook as hook_lib
+from kerascool import _core
 
 
 class Penalty(keras.layers.Layer):
@@ -77,7 +77,7 @@ def test_per_step_loss_uses_each_steps_value_without_retracing():
     np.testing.assert_allclose(history.history["loss"], expected, rtol=1e-5)
     np.testing.assert_allclose(history.history["beta"], [values[2 * e + 1] for e in range(4)], rtol=1e-6)
     assert float(beta.numpy()) == pytest.approx(values[7])
-    assert hook_lib.registry_for(model).trace_count == 1
+    assert _core.installation_of(model).trace_count == 1
 
     # A second fit continues from the shared step counter; a third without the
     # callback leaves the variable alone (no stale trace brings the prologue back).

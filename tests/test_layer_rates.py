@@ -16,7 +16,7 @@ import pytest
 from helpers import weights_of
 
 import kerascool
-from kerascool.hook import _REGISTRIES, registry_for
+from kerascool._core import installation_of as registry_for
 from kerascool.layer_rates import layer_rates_of
 
 X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
@@ -312,7 +312,7 @@ def test_misuse_raises_before_anything_changes(kwargs, error, match):
     model.compile(optimizer="adam", loss="mse")
     with pytest.raises(error, match=match):
         kerascool.layer_rates(model, verbose=False, **kwargs)
-    assert model not in _REGISTRIES and not model.optimizer.built  # nothing touched
+    assert not kerascool.installed(model) and not model.optimizer.built  # nothing touched
 
 
 def test_misuse_at_fit_start_leaves_weights_untouched():

@@ -107,6 +107,11 @@ def test_training_after_swapping_optimizer_shadows_works():
     x, y = regression_data(n=16)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
     with ema.swapped():
-        model.train_on_batch(x[:8], y[:8])
+        swapped_in = weights_of(model)
+        with pytest.raises(RuntimeError, match="inside an open weight swap"):
+            model.train_on_batch(x[:8], y[:8])  # training here would be undone by the swap-out
+        assert all(np.array_equal(a, b) for a, b in zip(swapped_in, weights_of(model)))
+        model.predict(x, verbose=0)  # the averages were copied in, not aliased: the model still runs
+    model.train_on_batch(x[:8], y[:8])
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
     assert all(np.isfinite(w).all() for w in weights_of(model))

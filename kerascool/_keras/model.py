@@ -157,3 +157,44 @@ def value_and_grad(fn, values: list):
         tape.watch(values)
         out = fn(values)
     return out, tape.gradient(out, values)
+
+
+def call_order(model):
+    """A subclassed model's top-level layers in the order its `call` first uses them; or None.
+
+    Subclassed models list `model.layers` in attribute-assignment order, which
+    need not be the order of the forward pass. A symbolic pass (no data) on
+    the input shapes the model was built with (private `_build_shapes_dict`,
+    Keras 3.15) records the first call of each layer through an instance-level
+    `call` (Keras's `Layer.__call__` calls `self.call`), removed afterwards.
+    None for functional and Sequential models (their order is known), and
+    where the pass cannot run.
+    """
+    if isinstance(model, keras.Sequential) or getattr(model, "_operations_by_depth", None):
+        return None
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not shapes or len(shapes) != 1:
+        return None
+    shape = tuple(shapes.values())[0]
+    if not isinstance(shape, (tuple, list)) or not all(d is None or isinstance(d, int) for d in shape):
+        return None
+    from keras.src import backend as backend_module
+
+    order, layers = [], list(model.layers)
+    for layer in layers:
+        original = layer.call
+
+        def recording(*args, _layer=layer, _original=original, **kwargs):
+            if not any(seen is _layer for seen in order):
+                order.append(_layer)
+            return _original(*args, **kwargs)
+
+        object.__setattr__(layer, "call", recording)
+    try:
+        backend_module.compute_output_spec(model, keras.KerasTensor(tuple(shape), dtype=model.input_dtype))
+    except Exception:  # noqa: BLE001 - data-dependent control flow: order unknown
+        return None
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("call", None)
+    return order + [layer for layer in layers if not any(layer is seen for seen in order)]

@@ -113,3 +113,16 @@ def apply_if(pred, fn, variables: list) -> bool:
 
     tf.cond(pred, taken, lambda: tf.constant(False))
     return True
+
+
+def remove_optimizer_variables(optimizer, variables) -> None:
+    """Untrack `variables` from `optimizer` (kerascool's own state, on uninstall or rollback).
+
+    Private in Keras 3.15: `_variables` (what `optimizer.variables` copies,
+    and what checkpoints save by index) and the tracker's `stored_ids`.
+    """
+    gone = {id(v) for v in variables}
+    optimizer._variables[:] = [v for v in optimizer._variables if id(v) not in gone]
+    stored = getattr(getattr(optimizer, "_tracker", None), "stored_ids", {}).get("variables")
+    if stored is not None:
+        stored.difference_update(gone)

@@ -116,7 +116,7 @@ def train_step_data(args: tuple):
     return args[0], None
 
 
-def _run_on_state(model, state, fns):
+def run_on_state(model, state, fns):
     """Run ``fn(model)`` for each of `fns` on the variables, or on JAX's step state."""
     if state is None:
         for fn in fns:
@@ -136,27 +136,6 @@ def _run_on_state(model, state, fns):
     non_trainable = [scope.get_current_value(v) for v in non_trainable_variables]
     optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
     return trainable, non_trainable, optimizer_values, metrics
-
-
-def fresh_train_step(model) -> None:
-    """Give a wrapped `train_step` (an instance attribute) a new identity before a retrace.
-
-    `jax.jit` caches traces by the identity of the function it compiles
-    (weakly: the bound methods Keras passes are new objects each time, so
-    plain models always retrace). The wrapper that `add_step_work` keeps as
-    an instance attribute is the same object in every `fit`, and jit would
-    reuse the trace of an earlier `fit` made with other hooks. A copy of the function (same code and closure) is a new
-    cache key. Checked with jax 0.10.2.
-    """
-    import types
-
-    step = model.__dict__.get("train_step")
-    if backend() != "jax" or not isinstance(step, types.FunctionType):
-        return
-    fresh = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
-    fresh.__kwdefaults__ = step.__kwdefaults__
-    fresh.__dict__.update(step.__dict__)
-    object.__setattr__(model, "train_step", fresh)
 
 
 def step_start_mapping(model, state) -> list:
@@ -179,101 +158,61 @@ def step_start_mapping(model, state) -> list:
     return [(v, snapshot(v.value)) for v in model.non_trainable_variables]
 
 
-class StepWork:
-    """Per-step work that needs more than `apply` sees (see `add_step_work`).
+def first_batch_spec(args: tuple):
+    """The inputs spec of the batch a train function is about to take: TF only.
 
-    before: ``fn(model)`` at the start of the step, before the forward pass;
-        it may assign non-trainable and optimizer variables, and the step sees
-        the new values.
-    around: ``fn(model, data, state)`` returning a context manager, entered
-        around the stock step at trace time: the batch, and the step's input
-        state (JAX; None on TF, where the variables hold it).
-    after: ``fn(model)`` at the end of the step: every variable reads its
-        value after the step; it may assign optimizer variables.
+    TF's train function takes an iterator whose `element_spec` is the batch's
+    structure of `tf.TensorSpec` (MirroredStrategy: `PerReplicaSpec`); None
+    where it cannot be read.
     """
-
-    def __init__(self, before=None, around=None, after=None):
-        self.before, self.around, self.after = before, around, after
-
-
-def add_step_work(model, name: str, work: StepWork) -> None:
-    """Install `work` in the model's train step, inside the compiled step.
-
-    The `StepHook`s run inside `optimizer.apply`, which sees the gradients and
-    the trainable variables only. Work that needs the batch, the start of the
-    step or the non-trainable variables after the step (BatchNorm statistics,
-    which JAX's `stateless_apply` does not map) goes here: ONE wrapper of
-    `train_step` per model (an instance attribute, kept as a pass-through when
-    empty), running all work in the order before, around, stock step, after.
-    On JAX, `before` and `after` run in a `StatelessScope` over the step's
-    state and what they assign replaces the values in that state (a plain
-    assign would be lost: the compiled step reads its state, not the
-    variables); on TF, automatic control dependencies order them around the
-    step's own ops. Idempotent per `name`; retrace the train function after.
-    """
-    registry = model.__dict__.get("_kerascool_step_work")
-    if registry is None:
-        registry = {}
-        object.__setattr__(model, "_kerascool_step_work", registry)
-        object.__setattr__(model, "train_step", _step_work_wrapper(model, model.train_step, registry))
-    registry[name] = work
-
-
-def remove_step_work(model, name: str) -> None:
-    """Undo `add_step_work` for `name` (idempotent); retrace afterwards."""
-    registry = model.__dict__.get("_kerascool_step_work")
-    if registry is not None:
-        registry.pop(name, None)
-
-
-def _step_work_wrapper(model, original, registry: dict):
-    def train_step(*args):
-        work = list(registry.values())
-        if not work:
-            return original(*args)
-        data, state = train_step_data(args)
-        before = [w.before for w in work if w.before is not None]
-        after = [w.after for w in work if w.after is not None]
-        if before:
-            state = _run_on_state(model, state, before)
-        with contextlib.ExitStack() as stack:
-            for w in work:
-                if w.around is not None:
-                    stack.enter_context(w.around(model, data, state))
-            if state is None:
-                logs = original(data)
-            else:
-                logs, state = original(state, data)
-        if after:
-            state = _run_on_state(model, state, after)
-        return logs if state is None else (logs, state)
-
-    return train_step
-
-
-def _run_on_state(model, state, fns):
-    """Run ``fn(model)`` for each of `fns` on the variables, or on JAX's step state."""
-    if state is None:
-        for fn in fns:
-            fn(model)
+    spec = getattr(args[0], "element_spec", None) if args else None
+    if spec is None:
         return None
-    trainable, non_trainable, optimizer_values, metrics = state
-    non_trainable_variables = model.non_trainable_variables
-    optimizer_variables = model.optimizer.variables
-    mapping = (
-        list(zip(model.trainable_variables, trainable))
-        + list(zip(non_trainable_variables, non_trainable))
-        + list(zip(optimizer_variables, optimizer_values))
-    )
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        for fn in fns:
-            fn(model)
-    non_trainable = [scope.get_current_value(v) for v in non_trainable_variables]
-    optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
-    return trainable, non_trainable, optimizer_values, metrics
+
+    def leaf(s):
+        s = getattr(s, "_value_specs", (s,))[0]  # MirroredStrategy: equal per-replica specs
+        return keras.KerasTensor(tuple(s.shape), dtype=keras.backend.standardize_dtype(s.dtype))
+
+    try:
+        return keras.tree.map_structure(leaf, spec)
+    except Exception:  # noqa: BLE001 - ragged or sparse specs: unknown
+        return None
 
 
-_DEFERRED_METRIC_UPDATES: list = []
+def symbolic_build(model, batch_spec) -> None:
+    """Build the model, its compiled loss and metrics and its optimizer from a batch spec.
+
+    What Keras 3.15's TF `fit` does under a distribution strategy
+    (`_maybe_symbolic_build` -> private `_symbolic_build(data_batch=...)`);
+    without one it builds them inside the first trace of the train step,
+    too late to create kerascool's state eagerly beside the optimizer's.
+    """
+    model._symbolic_build(data_batch=batch_spec)
+
+
+def restore_jax_state(model, state) -> None:
+    """Write a JAX train function's input state back into the model's variables.
+
+    JAX's `fit` moves the variables' values into the state it passes to the
+    train function and purges the variables (Keras 3.15
+    `_get_jax_state(purge_model_variables=True)`); an exception raised
+    while the step is traced would leave them without values. Values whose
+    buffers were donated to a step that ran are skipped.
+    """
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        return
+    groups = (model.trainable_variables, model.non_trainable_variables)
+    groups += (model.optimizer.variables, model.metrics_variables)
+    for variables, values in zip(groups, state):
+        for variable, value in zip(variables, values or ()):
+            deleted = getattr(value, "is_deleted", None)
+            if deleted is not None and deleted():
+                continue
+            variable.assign(value)
+    model._jax_state_synced = True  # private (3.15): nothing in flight to sync any more
+
+
+# -- metrics updated inside the forward pass (kerascool/scalars.py) --------------------
 
 
 def defer_metric_update(metric, value) -> bool:
@@ -284,9 +223,10 @@ def defer_metric_update(metric, value) -> bool:
     which maps only the trainable and non-trainable variables: the metric's
     variables read as purged values there (Keras 3.15 fails with "'NoneType'
     object is not callable") and the update would be dropped. The queued
-    update is applied by `_apply_deferred_metric_updates` to the step's
-    metric values right after the loss, still inside `jax.value_and_grad`'s
-    trace (so the value may depend on the forward pass), and Keras then
+    update is applied to the step's metric values right after the loss,
+    still inside `jax.value_and_grad`'s trace, by the model's
+    `compute_loss_and_updates` (Keras 3.15, private; shadowed on the model
+    INSTANCE that is training, found on the call stack), and Keras then
     reports it with the other metrics (progress bar, History, ``val_``).
     """
     if backend() != "jax":
@@ -295,38 +235,52 @@ def defer_metric_update(metric, value) -> bool:
 
     if not in_stateless_scope():
         return False  # eager call of the layer: update directly
-    _install_deferred_metric_updates()
-    _DEFERRED_METRIC_UPDATES.append((metric, value))
+    model = _training_model_on_stack()
+    if model is None:
+        return False
+    queue = _deferred_metric_queue(model)
+    queue.append((metric, value))
     return True
 
 
-def _install_deferred_metric_updates() -> None:
-    # Private in Keras 3.15: JAXTrainer.compute_loss_and_updates is the function
-    # that train_step and test_step differentiate/call; its aux output carries
-    # the step's metric values. Patched once, on the class, so that every model
-    # (whose layers may hold such metrics) takes part; a no-op when nothing is queued.
-    from keras.src.backend.jax.trainer import JAXTrainer
+def _training_model_on_stack():
+    """The outermost `keras.Model` whose method is running (the one `fit` trains)."""
+    import sys
 
-    if getattr(JAXTrainer.compute_loss_and_updates, "_kerascool", False):
-        return
-    original = JAXTrainer.compute_loss_and_updates
+    frame, found = sys._getframe(2), None
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.Model):
+            found = owner
+        frame = frame.f_back
+    return found
 
-    def compute_loss_and_updates(self, trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs):
-        _DEFERRED_METRIC_UPDATES.clear()  # left over from a predict trace, which has no metrics to update
-        loss, aux = original(self, trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs)
-        if not _DEFERRED_METRIC_UPDATES:
+
+def _deferred_metric_queue(model) -> list:
+    queue = model.__dict__.get("_kerascool_metric_updates")
+    if queue is not None:
+        return queue
+    from kerascool._core.installation import installation_of
+
+    queue = []
+    original = model.compute_loss_and_updates
+
+    def compute_loss_and_updates(trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs):
+        queue.clear()  # left over from a predict trace, which has no metrics to update
+        loss, aux = original(trainable_variables, non_trainable_variables, metrics_variables, *args, **kwargs)
+        if not queue:
             return loss, aux
-        updates = list(_DEFERRED_METRIC_UPDATES)
-        _DEFERRED_METRIC_UPDATES.clear()
+        updates = list(queue)
+        queue.clear()
         unscaled_loss, y_pred, non_trainable_values, metrics_values = aux
-        metric_variables = self.metrics_variables
+        metric_variables = model.metrics_variables
         known = {id(v) for v in metric_variables}
         with keras.StatelessScope(state_mapping=list(zip(metric_variables, metrics_values))) as scope:
             for metric, value in updates:
                 if not all(id(v) in known for v in metric.variables):
                     raise ValueError(
                         f"The metric {metric.name!r} is updated inside the model's forward pass or loss "
-                        f"but is not tracked by the model {self.name!r}: assign it as an attribute of one "
+                        f"but is not tracked by the model {model.name!r}: assign it as an attribute of one "
                         "of the model's layers, or of the model itself, e.g. "
                         f"`self.{metric.name} = kerascool.ScalarMetric({metric.name!r})` in `__init__`."
                     )
@@ -337,5 +291,7 @@ def _install_deferred_metric_updates() -> None:
         ]
         return loss, (unscaled_loss, y_pred, non_trainable_values, metrics_values)
 
-    compute_loss_and_updates._kerascool = True
-    JAXTrainer.compute_loss_and_updates = compute_loss_and_updates
+    installation_of(model).shadow(model, "compute_loss_and_updates", compute_loss_and_updates)
+    object.__setattr__(model, "_kerascool_metric_updates", queue)
+    installation_of(model).on_uninstall(lambda: model.__dict__.pop("_kerascool_metric_updates", None))
+    return queue
