@@ -17,6 +17,7 @@ from kerascool.lookahead import Lookahead
 from kerascool.lr_finder import LRFinderResult, find_lr
 from kerascool.mc_dropout import mc_dropout_predict
 from kerascool.python_metric import PythonMetric
+from kerascool.reparametrize import Reparametrize, ScaleReparametrization, WeightNormalization
 from kerascool.scalars import ScalarMetric
 from kerascool.schedules import LinearWarmup, OneCycle, PiecewiseLinear
 from kerascool.swa import SWA, update_bn
@@ -85,4 +86,8 @@ __all__ = [
     "mc_dropout_predict",
     # the step hook
     "real_steps",
+    # model surgery and reparametrization
+    "Reparametrize",
+    "WeightNormalization",
+    "ScaleReparametrization",
 ]
