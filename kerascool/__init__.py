@@ -35,6 +35,7 @@ from kerascool.transforms import (
     chain,
     masked,
 )
+from kerascool.tied import TiedHead
 from kerascool.two_step import heun, sam, stock_step
 
 __version__ = "0.1.0"
@@ -90,4 +91,5 @@ __all__ = [
     "Reparametrize",
     "WeightNormalization",
     "ScaleReparametrization",
+    "TiedHead",
 ]
