@@ -20,6 +20,7 @@ from kerascool.python_metric import PythonMetric
 from kerascool.reparametrize import Reparametrize, ScaleReparametrization, WeightNormalization
 from kerascool.scalars import ScalarMetric
 from kerascool.schedules import LinearWarmup, OneCycle, PiecewiseLinear
+from kerascool.surgery import split, submodel
 from kerascool.swa import SWA, update_bn
 from kerascool.swap import WeightSwap
 from kerascool.transforms import (
@@ -88,6 +89,8 @@ __all__ = [
     # the step hook
     "real_steps",
     # model surgery and reparametrization
+    "split",
+    "submodel",
     "Reparametrize",
     "WeightNormalization",
     "ScaleReparametrization",
