@@ -42,6 +42,11 @@ def outputs_struct(functional):
     return struct if struct is not None else functional.outputs
 
 
+def parts(node) -> tuple:
+    """``(operation, input KerasTensors, output KerasTensors)`` of a node."""
+    return node.operation, list(node.input_tensors), list(node.outputs)
+
+
 def call(node, tensors: dict):
     """Call the node's operation again, its KerasTensors replaced: ``tensors[id(old)] = new``."""
     args, kwargs = node.arguments.fill_in(tensors)

@@ -31,6 +31,11 @@ def find_weight(layer, name: str):
     return found[0] if len(found) == 1 else None
 
 
+def attribute(layer, name: str):
+    """The instance attribute `name` of `layer` (not a property of its class)."""
+    return vars(layer)[name]
+
+
 @contextlib.contextmanager
 def substituted(layer, replacements: dict):
     """Within the block, `layer`'s attributes named in `replacements` hold the given values."""

@@ -119,7 +119,7 @@ class Reparametrize(keras.layers.Wrapper):
         """The raw parameter: the variable the wrapped layer created for `weight`."""
         if not self._attributes:
             raise ValueError(f"Layer {self.name!r} is not built yet: it has no raw parameter.")
-        return vars(self.layer)[self._attributes[0]]
+        return _keras_weights.attribute(self.layer, self._attributes[0])
 
     def build(self, input_shape=None):
         if not self.layer.built:
@@ -283,7 +283,9 @@ class WeightNormalization(Reparametrize):
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-            raise ValueError(f"Invalid value for argument `epsilon`. Expected a number >= 0. Received: epsilon={epsilon!r}")
+            raise ValueError(
+                f"Invalid value for argument `epsilon`. Expected a number >= 0. Received: epsilon={epsilon!r}"
+            )
         for wrapper in wrappers:
             wrapper._data_init_epsilon = float(epsilon)
         try:
@@ -310,7 +312,8 @@ class WeightNormalization(Reparametrize):
         bias = bias if isinstance(bias, keras.Variable) else None
         others = {}
         if bias is not None:
-            others.update({name: ops.zeros_like(bias.value) for name in _keras_weights.weight_attributes(self.layer, bias)})
+            zeros = ops.zeros_like(bias.value)
+            others.update({name: zeros for name in _keras_weights.weight_attributes(self.layer, bias)})
         if getattr(self.layer, "activation", None) is not None:
             others["activation"] = keras.activations.linear
         direction = ops.divide(self.raw.value, _unit_norm(self.raw.value, self.axis))

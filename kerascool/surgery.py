@@ -34,8 +34,9 @@ Names = Union[str, Sequence[str]]
 class _Step:
     """One node of the flattened graph: a layer call, its tensors as keys."""
 
-    def __init__(self, node, path: str, in_keys: list, out_keys: list):
-        self.node, self.path, self.in_keys, self.out_keys = node, path, in_keys, out_keys
+    def __init__(self, node, operation, inputs: list, path: str, in_keys: list, out_keys: list):
+        self.node, self.operation, self.inputs = node, operation, inputs
+        self.path, self.in_keys, self.out_keys = path, in_keys, out_keys
 
 
 class _Graph:
@@ -58,30 +59,30 @@ class _Graph:
 
     def _flatten(self, functional, keymap: dict, prefix: str, inline: set) -> list:
         for node in _keras_graph.nodes_in_order(functional):
-            op = node.operation
-            in_keys = [keymap[id(t)] for t in node.input_tensors]
+            op, node_inputs, node_outputs = _keras_graph.parts(node)
+            in_keys = [keymap[id(t)] for t in node_inputs]
             inner = _keras_graph.functional_of(op) if id(op) in inline else None
             if inner is not None:
                 given = _keras_graph.first_argument_tensors(node)
-                if given is None or len(given) != len(node.input_tensors) or len(given) != len(inner.inputs):
+                if given is None or len(given) != len(node_inputs) or len(given) != len(inner.inputs):
                     raise ValueError(
                         f"Cannot reach into sub-model {prefix + op.name!r}: it is called with tensors other than "
                         "its inputs (a mask, for instance). Name a layer outside it."
                     )
                 inner_map = {id(x): keymap[id(t)] for x, t in zip(inner.inputs, given)}
                 out = self._flatten(inner, inner_map, prefix + op.name + "/", inline)
-                for t, key in zip(node.outputs, out):
+                for t, key in zip(node_outputs, out):
                     keymap[id(t)] = key
                 continue
             path = prefix + op.name
             out_keys = []
-            for i, t in enumerate(node.outputs):
+            for i, t in enumerate(node_outputs):
                 key = (path, id(t))
                 keymap[id(t)] = key
                 self.tensor[key] = t
-                self.label[key] = f"output of layer {path!r}" + (f" [{i}]" if len(node.outputs) > 1 else "")
+                self.label[key] = f"output of layer {path!r}" + (f" [{i}]" if len(node_outputs) > 1 else "")
                 out_keys.append(key)
-            self.steps.append(_Step(node, path, in_keys, out_keys))
+            self.steps.append(_Step(node, op, node_inputs, path, in_keys, out_keys))
         return [keymap[id(t)] for t in functional.outputs]
 
     def keys_of(self, path: str) -> list:
@@ -117,7 +118,7 @@ class _Graph:
         for i, step in enumerate(self.steps):
             if i not in only:
                 continue
-            given = {id(t): values[k] for t, k in zip(step.node.input_tensors, step.in_keys)}
+            given = {id(t): values[k] for t, k in zip(step.inputs, step.in_keys)}
             outputs = keras.tree.flatten(_keras_graph.call(step.node, given))
             values.update(zip(step.out_keys, outputs))
         return values
@@ -271,6 +272,8 @@ def split(model, at: Names, *, names: Sequence[str] = None):
             f"or cut elsewhere. Received: at={at!r}"
         )
 
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != 2):
+        raise ValueError(f"Invalid value for argument `names`. Expected two model names. Received: names={names!r}")
     bottom_name, top_name = names or (f"{model.name}_bottom", f"{model.name}_top")
     new, inputs = graph.fresh_inputs()
     values = graph.run(new, graph.ancestors(cut_keys))
@@ -278,7 +281,7 @@ def split(model, at: Names, *, names: Sequence[str] = None):
     bottom = keras.Model(inputs, cut_values[0] if len(cut_keys) == 1 else cut_values, name=bottom_name)
 
     # One input per cut tensor, named after its layer's path ("encoder_block_2") or model input.
-    taken = {graph.steps[i].node.operation.name for i in top_steps}
+    taken = {graph.steps[i].operation.name for i in top_steps}
     top_inputs = {k: _fresh_input(graph.tensor[k], _input_name(graph, k, cut_keys, taken)) for k in cut_keys}
     values = graph.run(top_inputs, top_steps)
     outputs = keras.tree.pack_sequence_as(graph.output_struct, [values[k] for k in graph.output_keys])
