@@ -17,8 +17,10 @@ from kerascool.lookahead import Lookahead
 from kerascool.lr_finder import LRFinderResult, find_lr
 from kerascool.mc_dropout import mc_dropout_predict
 from kerascool.python_metric import PythonMetric
+from kerascool.reparametrize import Reparametrize, ScaleReparametrization, WeightNormalization
 from kerascool.scalars import ScalarMetric
 from kerascool.schedules import LinearWarmup, OneCycle, PiecewiseLinear
+from kerascool.surgery import split, submodel
 from kerascool.swa import SWA, update_bn
 from kerascool.swap import WeightSwap
 from kerascool.transforms import (
@@ -34,6 +36,7 @@ from kerascool.transforms import (
     chain,
     masked,
 )
+from kerascool.tied import TiedHead
 from kerascool.two_step import heun, sam, stock_step
 
 __version__ = "0.1.0"
@@ -87,4 +90,11 @@ __all__ = [
     "installed",
     "uninstall",
     "real_steps",
+    # model surgery and reparametrization
+    "split",
+    "submodel",
+    "Reparametrize",
+    "WeightNormalization",
+    "ScaleReparametrization",
+    "TiedHead",
 ]
