@@ -212,6 +212,13 @@ class CaptureCallback(keras.callbacks.Callback):
         self._checked = False
         if self._probe is not None:
             _check_probe_shapes(model, self._probe, "probe")
+            if not model.built:
+                # Built here by a plain inference call: Keras builds a subclassed model with a
+                # symbolic pass, whose placeholders the capture would otherwise record.
+                try:
+                    model(self._probe, training=False)
+                except Exception:  # noqa: BLE001 - the dry run below reports it clearly
+                    pass
             self._run(model, self._probe, "probe")  # a dry run: raises on misuse
             return
         inputs = _keras.symbolic_inputs(model)

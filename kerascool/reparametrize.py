@@ -40,8 +40,8 @@ import math
 import keras
 from keras import ops
 
-from kerascool import _compat
-from kerascool import _keras_weights
+from kerascool import _keras
+from kerascool._keras import weights as _keras_weights
 
 
 @keras.saving.register_keras_serializable(package="kerascool")
@@ -274,7 +274,7 @@ class WeightNormalization(Reparametrize):
         on `x`; the layers above see the initialized outputs. Weights change,
         nothing else; returns `model`.
         """
-        wrappers = [layer for layer in _compat.flatten_layers(model) if isinstance(layer, WeightNormalization)]
+        wrappers = [layer for layer in _keras.flatten_layers(model) if isinstance(layer, WeightNormalization)]
         if isinstance(model, WeightNormalization):
             wrappers.insert(0, model)
         if not wrappers:

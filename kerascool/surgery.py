@@ -26,7 +26,7 @@ from typing import Mapping, Sequence, Union
 
 import keras
 
-from kerascool import _keras_graph
+from kerascool._keras import graph as _keras_graph
 
 Names = Union[str, Sequence[str]]
 

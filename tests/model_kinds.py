@@ -15,6 +15,9 @@ Kinds:
 
 import keras
 import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
 
 KINDS = ("functional", "sequential", "subclassed", "reordered")
 UNBUILT = KINDS[1:]
@@ -186,3 +189,8 @@ def kerascool_patches_of_keras():
                 if from_kerascool(value):
                     found.add(f"{cls.__module__}.{cls.__qualname__}.{attr}")
     return sorted(found)
+
+
+def known_issue(condition: bool, reason: str):
+    """A strict xfail: a case issue 14 (still open) does not pass yet; it fails loudly once fixed."""
+    return pytest.mark.xfail(condition, strict=True, reason=f"issue 14 open: {reason}")

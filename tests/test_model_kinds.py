@@ -183,8 +183,18 @@ def _assert_same_extra(got, want):
             np.testing.assert_allclose(got[key], value, atol=1e-6, rtol=0, err_msg=key)
 
 
-@pytest.mark.parametrize("kind", mk.KINDS)
-@pytest.mark.parametrize("feature", sorted(FEATURES))
+def _known(feature, kind):
+    if feature == "find_lr" and kind != "functional":
+        return [mk.known_issue(True, "find_lr on a model built lazily records other losses than on its twin")]
+    if feature == "capture" and kind == "sequential":
+        return [mk.known_issue(mk.BACKEND == "jax", "JAX builds an unbuilt Sequential with the batch size fixed, "
+                               "and the probe of another size is refused")]
+    return []
+
+
+@pytest.mark.parametrize(
+    "feature,kind", [pytest.param(f, k, marks=_known(f, k)) for f in sorted(FEATURES) for k in mk.KINDS]
+)
 def test_feature_on_model_kind_equals_the_built_functional_twin(feature, kind):
     want_weights, want_logs, want_extra = _reference(feature)
     if kind == "functional":

@@ -122,7 +122,13 @@ def remove_optimizer_variables(optimizer, variables) -> None:
     and what checkpoints save by index) and the tracker's `stored_ids`.
     """
     gone = {id(v) for v in variables}
-    optimizer._variables[:] = [v for v in optimizer._variables if id(v) not in gone]
+    keep = [v for v in optimizer._variables if id(v) not in gone]
+    # In place, element by element: on TF `_variables` is a tracking ListWrapper whose slice
+    # assignment compares elements (and `==` on variables is element-wise).
+    while len(optimizer._variables):
+        optimizer._variables.pop()
+    for v in keep:
+        optimizer._variables.append(v)
     stored = getattr(getattr(optimizer, "_tracker", None), "stored_ids", {}).get("variables")
     if stored is not None:
         stored.difference_update(gone)
