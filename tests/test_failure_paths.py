@@ -81,7 +81,6 @@ def test_find_lr_restores_an_unbuilt_model(kind):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@mk.known_issue(BACKEND == "tensorflow", "on TF the failed decoration of a lazily built model is not rolled back")
 def test_layer_rates_error_on_an_unbuilt_model_leaves_it_undecorated():
     model = mk.make("subclassed")
     x, y = mk.data()
