@@ -356,7 +356,9 @@ class Installation:
             raise
         self._fit_iterations = self._iterations()
         changed = len(active) != len(self._traced_with) or any(a is not b for a, b in zip(active, self._traced_with))
-        if changed:
+        if changed or model.__dict__.get("train_function") is None:
+            # Keras traces anew (other hooks, or a re-compile): a new train_step object, so that
+            # jax.jit does not bring back a trace made for another optimizer or other hooks.
             self._traced_with = active
             self._set_train_step()
         return changed
